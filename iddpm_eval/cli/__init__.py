@@ -1,0 +1,13 @@
+"""`iddpm-eval`: the measuring command line. Each subcommand lives in its own module here and
+only parses flags and calls library functions."""
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="iddpm")
+def main():
+    """Measure diffusion models: FID, precision/recall, bits/dim, scaling fits, reports."""
+
+
+# Subcommands register themselves below, one import per module.
