@@ -1,0 +1,270 @@
+"""Results tables and provenance: schema, exact round trip, atomic appends, clear errors, hashes."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from iddpm_eval import provenance as prov_mod
+from iddpm_eval import tables
+from iddpm_eval.provenance import config_hash, file_sha256, git_commit, provenance
+from iddpm_eval.tables import COLUMNS, append_result, append_results, read_results
+
+PROV = {"package_version": "9.9.9", "git_commit": "abc", "time": "2026-01-01T00:00:00Z", "machine": "test"}
+
+
+def row(experiment="e", metric="fid", value=1.0, **kw):
+    return {"experiment": experiment, "metric": metric, "value": value, **PROV, **kw}
+
+
+def test_columns_match_issue():
+    required = ["experiment", "metric", "value", "ci_low", "ci_high", "n", "config_hash", "checkpoint_hash",
+                "weights_sha256", "mode", "seed", "package_version", "git_commit", "time", "machine", "extra"]
+    assert COLUMNS == required
+
+
+def test_append_result_round_trip_exact(tmp_path):
+    path = tmp_path / "sub" / "r.csv"
+    values = [0.1 + 0.2, 1 / 3, 1e-300, 123456789.123456789, -2.5e17]
+    for i, v in enumerate(values):
+        append_result(path, experiment=f"exp{i % 2}", metric="fid", value=v, ci_low=v - 1, ci_high=v + 1, n=50_000,
+                      mode="legacy-tf", seed=i, weights_sha256="7ff4", config_hash="00123", checkpoint_hash="0e5",
+                      extra={"figure": "a.png", "k": [1, 2]})
+    df = read_results(path)
+    assert list(df.columns) == COLUMNS
+    assert df["value"].tolist() == values  # bit-exact floats through CSV
+    assert df["ci_low"].tolist() == [v - 1 for v in values]
+    assert df["seed"].tolist() == list(range(5)) and str(df["seed"].dtype) == "Int64"
+    assert df["n"].tolist() == [50_000] * 5
+    # hash-like text stays text (no int parsing that would drop leading zeros or read "0e5" as 0.0)
+    assert df["config_hash"].tolist() == ["00123"] * 5 and df["checkpoint_hash"].tolist() == ["0e5"] * 5
+    extra = tables.parse_extra(df["extra"][0])
+    assert extra["figure"] == "a.png" and extra["k"] == [1, 2] and "command" in extra
+    real = provenance()
+    assert df["package_version"][0] == real["package_version"]
+    assert df["git_commit"][0] == real["git_commit"] and df["machine"][0] == real["machine"]
+    assert pd.Timestamp(df["time"][0]).tz is not None  # ISO with Z
+
+
+def test_missing_optional_values_read_back_as_missing(tmp_path):
+    path = tmp_path / "r.csv"
+    append_results(path, [row()])
+    df = read_results(path)
+    assert math.isnan(df["ci_low"][0]) and df["n"].isna()[0] and df["seed"].isna()[0]
+    assert df["mode"][0] is None and df["extra"][0] is None
+    assert df["package_version"][0] == "9.9.9"  # given provenance is kept, not overwritten
+
+
+def test_append_keeps_earlier_rows_and_bytes(tmp_path):
+    path = tmp_path / "r.csv"
+    append_results(path, [row("a", value=1.5), row("b", value=2.5)])
+    before = path.read_text()
+    append_results(path, [row("c", value=3.5)])
+    after = path.read_text()
+    assert after.startswith(before)  # earlier rows unchanged, byte for byte
+    df = read_results(path)
+    assert df["experiment"].tolist() == ["a", "b", "c"] and df["value"].tolist() == [1.5, 2.5, 3.5]
+
+
+def test_append_is_atomic_when_write_fails(tmp_path, monkeypatch):
+    path = tmp_path / "r.csv"
+    append_results(path, [row("a")])
+    before = path.read_bytes()
+
+    def broken_to_csv(self, target, *a, **k):
+        Path(target).write_text("experiment,metric\npartial")  # a half-written temp file ...
+        raise OSError("disk full")  # ... then the crash
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", broken_to_csv)
+    with pytest.raises(OSError, match="disk full"):
+        append_results(path, [row("b")])
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.csv"]  # no temp file left behind
+
+
+def _worker(args):
+    path, who, count = args
+    for i in range(count):
+        append_results(path, [row(f"{who}", value=float(i))])
+
+
+def test_concurrent_appends_lose_nothing(tmp_path):
+    path = str(tmp_path / "r.csv")
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(2) as pool:
+        pool.map(_worker, [(path, "p0", 12), (path, "p1", 12)])
+    df = read_results(path)
+    assert len(df) == 24
+    for who in ("p0", "p1"):
+        assert df.loc[df["experiment"] == who, "value"].tolist() == [float(i) for i in range(12)]
+
+
+def test_hand_added_column_survives(tmp_path):
+    path = tmp_path / "r.csv"
+    append_results(path, [row("a")])
+    df = pd.read_csv(path, dtype=object, keep_default_na=False)
+    df["note"] = "checked by hand"
+    df.to_csv(path, index=False)
+    append_results(path, [row("b")])
+    raw = pd.read_csv(path, dtype=object, keep_default_na=False)
+    assert raw["note"].tolist() == ["checked by hand", ""]
+
+
+def test_new_file_is_readable_per_umask(tmp_path):
+    path = tmp_path / "r.csv"
+    old = os.umask(0o022)
+    try:
+        append_results(path, [row()])
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(row(), colour="red"), "unknown column"),
+    ({k: v for k, v in row().items() if k != "value"}, "'value' is required"),
+    (row(metric=""), "'metric' is required"),
+    (row(value="high"), "must be a number"),
+    (row(n=2.5), "must be an integer"),
+    (row(ci_low=2.0, ci_high=1.0), "ci_low 2.0 > ci_high 1.0"),
+    (row(ci_low=1.0), "both ci_low and ci_high"),
+    (row(mode="a\nb"), "one line"),
+    (row(extra=[1, 2]), "must be a dict"),
+])
+def test_bad_rows_are_rejected_and_nothing_written(tmp_path, bad, match):
+    path = tmp_path / "r.csv"
+    append_results(path, [row("keep")])
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=match):
+        append_results(path, [row("ok"), bad])
+    assert path.read_bytes() == before
+
+
+def test_parquet_path_rejected(tmp_path):
+    with pytest.raises(ValueError, match="give the .csv path"):
+        append_results(tmp_path / "r.parquet", [row()])
+
+
+def test_read_results_errors_name_file_and_columns(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.csv"):
+        read_results(tmp_path / "nope.csv")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty.csv.*empty"):
+        read_results(empty)
+    partial = tmp_path / "partial.csv"
+    partial.write_text("experiment,metric,value\ne,fid,1.0\n")
+    with pytest.raises(ValueError, match=r"partial.csv: missing column\(s\) \['ci_low', 'ci_high', 'n'"):
+        read_results(partial)
+    path = tmp_path / "r.csv"
+    append_results(path, [row(), row("x")])
+    text = path.read_text().splitlines()
+    text[2] = text[2].replace("x,fid,1.0", "x,fid,lots")
+    path.write_text("\n".join(text) + "\n")
+    with pytest.raises(ValueError, match="r.csv: column 'value' row 3 holds 'lots'"):
+        read_results(path)
+
+
+def test_append_to_malformed_table_refuses(tmp_path):
+    path = tmp_path / "r.csv"
+    path.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="missing column"):
+        append_results(path, [row()])
+    assert path.read_text() == "a,b\n1,2\n"
+
+
+def test_parquet_copy_matches_csv(tmp_path):
+    pytest.importorskip("pyarrow")
+    path = tmp_path / "r.csv"
+    append_results(path, [row(value=1 / 3, n=5, extra={"a": 1}), row("b", value=2.0)])
+    a = read_results(path)
+    b = read_results(path.with_suffix(".parquet"))
+    pd.testing.assert_frame_equal(a, b, check_dtype=False)
+
+
+def test_no_parquet_without_pyarrow(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_pyarrow(name, *a, **k):
+        if name == "pyarrow" or name.startswith("pyarrow."):
+            raise ImportError("no pyarrow")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_pyarrow)
+    path = tmp_path / "r.csv"
+    append_results(path, [row()])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.csv"]
+
+
+# ---------------------------------------------------------------- provenance and hashes
+
+@dataclasses.dataclass
+class Cfg:
+    lr: float = 1e-4
+    channels: tuple = (1, 2, 2)
+    name: str = "cosine"
+
+
+def test_config_hash_canonical():
+    d = {"lr": 1e-4, "channels": [1, 2, 2], "name": "cosine"}
+    # Independent closed form: sha256 of the sorted, compact JSON text written out by hand.
+    text = '{"channels":[1,2,2],"lr":0.0001,"name":"cosine"}'
+    assert config_hash(d, full=True) == hashlib.sha256(text.encode()).hexdigest()
+    assert config_hash(d) == hashlib.sha256(text.encode()).hexdigest()[:16]
+    assert config_hash(Cfg()) == config_hash(d) == config_hash(dict(reversed(list(d.items()))))
+    assert config_hash({**d, "lr": 2e-4}) != config_hash(d)
+    assert config_hash({**d, "channels": [2, 1, 2]}) != config_hash(d)
+    np = pytest.importorskip("numpy")
+    assert config_hash({**d, "lr": np.float64(1e-4), "channels": np.array([1, 2, 2])}) == config_hash(d)
+    with pytest.raises(TypeError, match="cannot hash"):
+        config_hash({"f": object()})
+
+
+def test_file_sha256_matches_hashlib(tmp_path):
+    data = os.urandom(10_000) + b"tail"
+    p = tmp_path / "w.bin"
+    p.write_bytes(data)
+    assert file_sha256(p, chunk_size=997) == hashlib.sha256(data).hexdigest()
+    with pytest.raises(FileNotFoundError, match="missing.bin"):
+        file_sha256(tmp_path / "missing.bin")
+
+
+def _git(root, *args):
+    return subprocess.run(["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t",
+                           "-c", "commit.gpgsign=false", *args], check=True, capture_output=True, text=True).stdout
+
+
+def test_git_commit_of_checkout(tmp_path):
+    assert git_commit(tmp_path) == "unknown"  # not a checkout
+    (tmp_path / "iddpm_core").mkdir()
+    src = tmp_path / "iddpm_core" / "m.py"
+    src.write_text("x = 1\n")
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", ".")
+    _git(tmp_path, "commit", "-q", "-m", "c")
+    head = _git(tmp_path, "rev-parse", "HEAD").strip()
+    assert git_commit(tmp_path) == head
+    (tmp_path / "results.csv").write_text("untracked, not a source change")
+    assert git_commit(tmp_path) == head
+    src.write_text("x = 2\n")
+    assert git_commit(tmp_path) == head + "+dirty"
+
+
+def test_provenance_fields():
+    p = provenance()
+    assert set(p) == {"package_version", "git_commit", "time", "machine"}
+    assert p["time"].endswith("Z") and pd.Timestamp(p["time"]).year >= 2024
+    torch = pytest.importorskip("torch")
+    assert f"torch={torch.__version__}" in p["machine"] and f"threads={torch.get_num_threads()}" in p["machine"]
+    assert p["package_version"] == prov_mod.package_version()
