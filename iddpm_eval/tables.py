@@ -43,6 +43,8 @@ def _is_missing(v: Any) -> bool:
 
 
 def _as_float(name: str, v: Any, row: dict) -> float | None:
+    if name == "value" and isinstance(v, float) and math.isnan(v):
+        return v  # a measurement that came out NaN is worth recording (regress flags it)
     if _is_missing(v):
         return None
     try:

@@ -268,3 +268,11 @@ def test_provenance_fields():
     torch = pytest.importorskip("torch")
     assert f"torch={torch.__version__}" in p["machine"] and f"threads={torch.get_num_threads()}" in p["machine"]
     assert p["package_version"] == prov_mod.package_version()
+
+
+def test_nan_value_is_recorded_but_none_is_not(tmp_path):
+    path = tmp_path / "r.csv"
+    append_results(path, [row(value=float("nan"))])
+    assert math.isnan(read_results(path)["value"][0])
+    with pytest.raises(ValueError, match="'value' is required"):
+        append_results(path, [row(value=None)])

@@ -11,3 +11,4 @@ def main():
 
 
 # Subcommands register themselves below, one import per module.
+from iddpm_eval.cli.regress import regress as _regress; main.add_command(_regress)

@@ -1,0 +1,344 @@
+"""Regression gate: compare a current results table with a baseline, row by row.
+
+Rows are matched by (experiment, metric); when a table holds several rows for one pair, the
+last one (the latest append) is used and the output says so.
+
+The rule, per matched pair, with baseline value b, current value c and d = c - b:
+
+* allowed = max(abs, rel * |b|) from the metric's tolerance entry (missing keys count as 0);
+* d is *beyond tolerance* when |d| > allowed (plus a few ulps of float noise);
+* with ``ci = true`` (the default) a change beyond tolerance is excused when the two confidence
+  intervals overlap; a row without an interval counts as the point [value, value]. So with
+  abs = rel = 0 and ``ci = true``, a regression is exactly "c lies outside the union of the
+  intervals and they are disjoint", i.e. a change the intervals cannot explain;
+* direction: without ``higher_is_better`` a change beyond tolerance either way is a regression
+  (two-sided, the default); with ``higher_is_better = true|false`` only the worse direction is,
+  a change the other way is reported as ``improved``;
+* a value that becomes NaN (or stops being NaN) is a regression; NaN in both is ``ok``.
+
+Rows only in the current table are listed as ``added`` (not a failure); rows only in the
+baseline are ``missing`` and fail the gate unless ``allow_missing``. Tables that cannot be
+compared (unreadable, missing columns), a matched metric with no tolerance entry and no
+``[default]`` entry (an *unknown metric*), and pairs measured in a different ``mode`` or with
+different Inception weights (``weights_sha256``) give exit code 2.
+
+There is no implicit default tolerance. Without a tolerance file the built-in table
+:data:`BUILTIN_TOLERANCES` is used (no ``default`` entry); a file may add ``[default]``.
+
+Tolerance file (TOML, or JSON with the same structure)::
+
+    [default]                 # optional: applies to metrics without their own entry
+    rel = 0.05
+    [metrics.fid]
+    abs = 0.5                 # allowed absolute change
+    rel = 0.02                # allowed change relative to |baseline|
+    higher_is_better = false  # omit for two-sided
+    ci = true                 # excuse changes the confidence intervals explain
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from iddpm_core.io import atomic_path
+from iddpm_eval.tables import _file_mode, read_results
+
+EXIT_OK, EXIT_REGRESSION, EXIT_INCOMPARABLE = 0, 1, 2
+_ULPS = 8 * 2.220446049250313e-16  # float noise allowed on top of a tolerance
+
+
+class RegressError(ValueError):
+    """The tables or the tolerance file cannot be compared (exit code 2)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    abs: float = 0.0
+    rel: float = 0.0
+    higher_is_better: bool | None = None
+    ci: bool = True
+
+    def allowed(self, baseline: float) -> float:
+        return max(self.abs, self.rel * abs(baseline))
+
+
+@dataclasses.dataclass
+class Tolerances:
+    metrics: dict[str, Tolerance]
+    default: Tolerance | None = None
+    source: str = "built-in"
+
+    def get(self, metric: str) -> Tolerance | None:
+        return self.metrics.get(metric, self.default)
+
+
+# Built-in tolerances for the suite's own metric names, for comparing two runs of a measurement
+# (tables of a few thousand images). CI uses its own file, results/ci/tolerances.toml.
+BUILTIN_TOLERANCES: dict[str, Any] = {
+    "metrics": {
+        "fid": {"abs": 0.5, "rel": 0.02, "higher_is_better": False},
+        "sfid": {"abs": 0.5, "rel": 0.02, "higher_is_better": False},
+        "kid": {"abs": 0.002, "rel": 0.05, "higher_is_better": False},
+        "precision": {"abs": 0.02, "higher_is_better": True},
+        "recall": {"abs": 0.02, "higher_is_better": True},
+        "density": {"abs": 0.03, "higher_is_better": True},
+        "coverage": {"abs": 0.02, "higher_is_better": True},
+        "bpd": {"abs": 0.01, "rel": 0.005, "higher_is_better": False},
+        "nll": {"abs": 0.01, "rel": 0.005, "higher_is_better": False},
+    }
+}
+
+_KEYS = {f.name for f in dataclasses.fields(Tolerance)}
+
+
+def _tolerance(entry: Any, where: str) -> Tolerance:
+    if not isinstance(entry, dict):
+        raise RegressError(f"{where}: expected a table of abs/rel/higher_is_better/ci, got {entry!r}")
+    unknown = sorted(set(entry) - _KEYS)
+    if unknown:
+        raise RegressError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(_KEYS)}")
+    kw: dict[str, Any] = {}
+    for k in ("abs", "rel"):
+        if k in entry:
+            v = entry[k]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise RegressError(f"{where}: {k!r} must be a finite number >= 0, got {v!r}")
+            kw[k] = float(v)
+    for k in ("higher_is_better", "ci"):
+        if k in entry:
+            if not isinstance(entry[k], bool):
+                raise RegressError(f"{where}: {k!r} must be true or false, got {entry[k]!r}")
+            kw[k] = entry[k]
+    return Tolerance(**kw)
+
+
+def parse_tolerances(data: Any, source: str) -> Tolerances:
+    """Build :class:`Tolerances` from the parsed file structure ({"default": ..., "metrics": {...}})."""
+    if not isinstance(data, dict):
+        raise RegressError(f"tolerances {source}: expected a table at top level")
+    unknown = sorted(set(data) - {"default", "metrics"})
+    if unknown:
+        raise RegressError(f"tolerances {source}: unknown section(s) {unknown}; allowed: default, metrics")
+    metrics = data.get("metrics", {})
+    if not isinstance(metrics, dict):
+        raise RegressError(f"tolerances {source}: 'metrics' must be a table of metric names")
+    parsed = {str(m): _tolerance(e, f"tolerances {source}: metrics.{m}") for m, e in metrics.items()}
+    default = _tolerance(data["default"], f"tolerances {source}: default") if "default" in data else None
+    return Tolerances(parsed, default, source)
+
+
+def load_tolerances(path: str | os.PathLike | None = None) -> Tolerances:
+    """Read a TOML (``.toml``) or JSON tolerance file; ``None`` gives the built-in table."""
+    if path is None:
+        return parse_tolerances(BUILTIN_TOLERANCES, "built-in")
+    path = Path(path)
+    if not path.is_file():
+        raise RegressError(f"tolerances file not found: {path}")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(path.read_text())
+        else:
+            import tomllib
+
+            data = tomllib.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:  # TOMLDecodeError and JSONDecodeError are ValueErrors
+        raise RegressError(f"tolerances {path}: cannot be parsed: {err}") from None
+    return parse_tolerances(data, str(path))
+
+
+def _interval(row: pd.Series) -> tuple[float, float]:
+    lo, hi = row["ci_low"], row["ci_high"]
+    if pd.isna(lo) or pd.isna(hi):
+        return float(row["value"]), float(row["value"])
+    return float(lo), float(hi)
+
+
+def _text(v: Any) -> str | None:
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA or v == "" else str(v)
+
+
+def _last_per_key(df: pd.DataFrame, name: str, notes: list[str]) -> pd.DataFrame:
+    dup = df.duplicated(["experiment", "metric"], keep=False)
+    if dup.any():
+        counts = df[dup].groupby(["experiment", "metric"]).size()
+        for (e, m), k in counts.items():
+            notes.append(f"{name}: {k} rows for ({e}, {m}); using the last")
+    return df.drop_duplicates(["experiment", "metric"], keep="last")
+
+
+COMPARISON_COLUMNS = ["status", "experiment", "metric", "baseline", "current", "delta", "rel_delta", "allowed",
+                      "note"]
+
+
+@dataclasses.dataclass
+class Comparison:
+    """Outcome of :func:`compare_tables`: one row per (experiment, metric) in either table."""
+
+    table: pd.DataFrame  # COMPARISON_COLUMNS
+    errors: list[str]  # reasons the tables cannot be compared (exit 2)
+    notes: list[str]  # duplicates and similar remarks
+    allow_missing: bool = False
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {str(k): int(v) for k, v in self.table["status"].value_counts().items()}
+
+    @property
+    def exit_code(self) -> int:
+        if self.errors:
+            return EXIT_INCOMPARABLE
+        status = set(self.table["status"])
+        if "REGRESSION" in status or ("missing" in status and not self.allow_missing):
+            return EXIT_REGRESSION
+        return EXIT_OK
+
+
+def _compare_pair(b: pd.Series, c: pd.Series, tol: Tolerance) -> tuple[str, float, float, float, str]:
+    bv, cv = float(b["value"]), float(c["value"])
+    allowed = tol.allowed(bv) if math.isfinite(bv) else math.nan
+    if math.isnan(bv) or math.isnan(cv):
+        if math.isnan(bv) and math.isnan(cv):
+            return "ok", math.nan, math.nan, allowed, "both NaN"
+        return "REGRESSION", math.nan, math.nan, allowed, "value is NaN in " + ("current" if math.isnan(cv) else "baseline")
+    d = cv - bv
+    if bv != 0:
+        rel = d / abs(bv)
+    else:
+        rel = 0.0 if d == 0 else math.copysign(math.inf, d)
+    noise = _ULPS * max(abs(bv), abs(cv)) if math.isfinite(d) else 0.0
+    if d == 0 or abs(d) <= allowed + noise:
+        return "ok", d, rel, allowed, ""
+    if tol.ci:
+        (bl, bh), (cl, ch) = _interval(b), _interval(c)
+        if max(bl, cl) <= min(bh, ch):
+            return "ok", d, rel, allowed, "beyond tolerance but confidence intervals overlap"
+    if tol.higher_is_better is not None and (d > 0) == tol.higher_is_better:
+        return "improved", d, rel, allowed, ""
+    return "REGRESSION", d, rel, allowed, ""
+
+
+def compare_tables(baseline: pd.DataFrame, current: pd.DataFrame, tolerances: Tolerances | None = None,
+                   allow_missing: bool = False) -> Comparison:
+    """Compare two tables read by :func:`iddpm_eval.tables.read_results` (rule in the module doc)."""
+    tolerances = tolerances if tolerances is not None else load_tolerances(None)
+    notes: list[str] = []
+    errors: list[str] = []
+    base = _last_per_key(baseline, "baseline", notes).set_index(["experiment", "metric"], drop=False)
+    cur = _last_per_key(current, "current", notes).set_index(["experiment", "metric"], drop=False)
+    keys = sorted(set(base.index) | set(cur.index))
+    out = []
+    unknown: set[str] = set()
+    for key in keys:
+        e, m = key
+        in_b, in_c = key in base.index, key in cur.index
+        if not in_c:
+            bv = float(base.loc[key, "value"])
+            out.append(("missing", e, m, bv, math.nan, math.nan, math.nan, math.nan, "only in baseline"))
+            continue
+        if not in_b:
+            cv = float(cur.loc[key, "value"])
+            out.append(("added", e, m, math.nan, cv, math.nan, math.nan, math.nan, "only in current"))
+            continue
+        b, c = base.loc[key], cur.loc[key]
+        mismatch = [col for col in ("mode", "weights_sha256")
+                    if _text(b[col]) is not None and _text(c[col]) is not None and _text(b[col]) != _text(c[col])]
+        if mismatch:
+            what = ", ".join(f"{col} {_text(b[col])!r} vs {_text(c[col])!r}" for col in mismatch)
+            errors.append(f"({e}, {m}) cannot be compared: {what}")
+            out.append(("INCOMPARABLE", e, m, float(b["value"]), float(c["value"]), math.nan, math.nan, math.nan, what))
+            continue
+        tol = tolerances.get(m)
+        if tol is None:
+            unknown.add(m)
+            out.append(("UNKNOWN", e, m, float(b["value"]), float(c["value"]), math.nan, math.nan, math.nan,
+                        "no tolerance for this metric"))
+            continue
+        status, d, rel, allowed, note = _compare_pair(b, c, tol)
+        out.append((status, e, m, float(b["value"]), float(c["value"]), d, rel, allowed, note))
+    if unknown:
+        errors.append(f"unknown metric(s) {sorted(unknown)}: no entry in tolerances ({tolerances.source}) and no "
+                      f"[default]; add [metrics.NAME] entries or a [default] section")
+    table = pd.DataFrame(out, columns=COMPARISON_COLUMNS)
+    return Comparison(table, errors, notes, allow_missing)
+
+
+def compare_files(baseline: str | os.PathLike, current: str | os.PathLike,
+                  tolerances: str | os.PathLike | None = None, allow_missing: bool = False) -> Comparison:
+    """Read both tables and the tolerance file, then :func:`compare_tables`.
+
+    An unreadable or malformed table or tolerance file raises :class:`RegressError`.
+    """
+    tol = load_tolerances(tolerances)
+    frames = []
+    for name, path in (("baseline", baseline), ("current", current)):
+        try:
+            frames.append(read_results(path))
+        except (OSError, ValueError) as err:
+            raise RegressError(f"{name} table cannot be read: {err}") from None
+    return compare_tables(frames[0], frames[1], tol, allow_missing)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        if math.isnan(v):
+            return ""
+        return f"{v:.6g}"
+    return "" if v is None else str(v)
+
+
+def format_comparison(comp: Comparison) -> str:
+    """A plain-text table of every compared row, then notes, errors and a one-line summary."""
+    t = comp.table.copy()
+    for col in ("delta", "rel_delta"):
+        t[col] = [("" if math.isnan(v) else f"{v:+.4g}") for v in t[col]]
+    cells = [COMPARISON_COLUMNS] + [[_fmt(v) for v in row] for row in t.itertuples(index=False)]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(COMPARISON_COLUMNS))]
+    lines = ["  ".join(s.ljust(w) for s, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for n in comp.notes:
+        lines.append(f"note: {n}")
+    for e in comp.errors:
+        lines.append(f"error: {e}")
+    counts = comp.counts
+    summary = ", ".join(f"{counts[k]} {k}" for k in sorted(counts)) or "no rows"
+    code = comp.exit_code
+    if code == EXIT_REGRESSION:
+        why = [w for w, k in (("regression", "REGRESSION"), ("missing rows", "missing")) if counts.get(k)
+               and not (k == "missing" and comp.allow_missing)]
+        verdict = f"FAIL ({', '.join(why)})"
+    else:
+        verdict = "PASS" if code == EXIT_OK else "ERROR (tables cannot be compared)"
+    lines.append(f"{verdict}: {summary}")
+    return "\n".join(lines)
+
+
+def write_comparison(comp: Comparison, path: str | os.PathLike) -> None:
+    """The comparison table as CSV (atomic write)."""
+    with atomic_path(path) as tmp:
+        comp.table.to_csv(tmp, index=False, lineterminator="\n")
+
+
+def update_baseline(current: str | os.PathLike, baseline: str | os.PathLike) -> None:
+    """Copy the current table over the baseline (atomically), after checking that it reads cleanly."""
+    try:
+        read_results(current)
+    except (OSError, ValueError) as err:
+        raise RegressError(f"current table cannot be read: {err}") from None
+    mode = _file_mode(Path(baseline))
+    with atomic_path(baseline) as tmp:
+        shutil.copyfile(current, tmp)
+        os.chmod(tmp, mode)
+
+
+def metrics_without_tolerance(table: str | os.PathLike, tolerances: str | os.PathLike | None = None) -> list[str]:
+    """Metric names in a results table that the tolerance file (or the built-in table) does not cover."""
+    tol = load_tolerances(tolerances)
+    return sorted({m for m in read_results(table)["metric"] if tol.get(m) is None})
