@@ -262,6 +262,9 @@ def compare_tables(baseline: pd.DataFrame, current: pd.DataFrame, tolerances: To
                         "no tolerance for this metric"))
             continue
         status, d, rel, allowed, note = _compare_pair(b, c, tol)
+        nb, nc = b["n"], c["n"]
+        if not pd.isna(nb) and not pd.isna(nc) and int(nb) != int(nc):
+            note = "; ".join(x for x in (note, f"n differs: {int(nb)} vs {int(nc)}") if x)
         out.append((status, e, m, float(b["value"]), float(c["value"]), d, rel, allowed, note))
     if unknown:
         errors.append(f"unknown metric(s) {sorted(unknown)}: no entry in tolerances ({tolerances.source}) and no "

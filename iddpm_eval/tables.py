@@ -286,7 +286,7 @@ def read_results(path: str | os.PathLike) -> pd.DataFrame:
         col = df[c].astype(object)
         col = col.where(col.notna() & (col != ""), None)
         num = pd.to_numeric(col, errors="coerce")
-        bad = num.isna() & col.notna()
+        bad = num.isna() & col.notna() & (col.astype(str).str.strip().str.lower() != "nan")
         if bad.any():
             i = int(bad.to_numpy().nonzero()[0][0])
             raise ValueError(f"results table {path}: column {c!r} row {i + 2} holds {col.iloc[i]!r}, not a number")

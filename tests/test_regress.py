@@ -259,3 +259,10 @@ def test_update_baseline_warns_about_uncovered_metrics(tmp_path):
     res = CliRunner().invoke(main, ["regress", "--baseline", str(tmp_path / "base.csv"), "--current", str(b),
                                     "--update-baseline"])
     assert res.exit_code == 0 and "no tolerance for metric(s) ['mystery']" in res.output
+
+
+def test_different_n_is_noted(tmp_path):
+    a = table(tmp_path / "a.csv", [("e", "fid", 10.0, {"n": 1000})])
+    b = table(tmp_path / "b.csv", [("e", "fid", 10.0, {"n": 5000})])
+    code, out = run("--baseline", a, "--current", b)
+    assert code == 0 and "n differs: 1000 vs 5000" in out

@@ -276,3 +276,10 @@ def test_nan_value_is_recorded_but_none_is_not(tmp_path):
     assert math.isnan(read_results(path)["value"][0])
     with pytest.raises(ValueError, match="'value' is required"):
         append_results(path, [row(value=None)])
+
+
+def test_hand_written_nan_text_reads_as_nan(tmp_path):
+    path = tmp_path / "r.csv"
+    append_results(path, [row(value=2.0)])
+    path.write_text(path.read_text().replace("e,fid,2.0,", "e,fid,NaN,"))
+    assert math.isnan(read_results(path)["value"][0])
