@@ -51,12 +51,13 @@ class GaussianDiffusion:
 
     ``betas``: float64 array [T] in (0, 1]. ``timestep_map`` (used by respacing) gives, for each of
     the T steps here, the index the model was trained on; ``original_num_steps`` is the length of
-    that original chain (both default to this chain).
+    that original chain (both default to this chain). ``alphas_cumprod`` may be given to keep exact
+    values (respacing); it must agree with the cumulative product of ``1 - betas``.
     """
 
     def __init__(self, betas, mean_type: str = "epsilon", var_type: str = "fixed_small",
                  loss_type: str = "mse", rescale_timesteps: bool = True,
-                 timestep_map=None, original_num_steps: int | None = None):
+                 timestep_map=None, original_num_steps: int | None = None, alphas_cumprod=None):
         self.mean_type = _check_choice("mean type", mean_type, MEAN_TYPES)
         self.var_type = _check_choice("variance type", var_type, VAR_TYPES)
         _check_choice("loss type", loss_type, LOSS_TYPES + tuple(LOSS_ALIASES))
@@ -80,6 +81,13 @@ class GaussianDiffusion:
 
         alphas = 1.0 - betas
         self.alphas_cumprod = np.cumprod(alphas)
+        if alphas_cumprod is not None:
+            given = np.asarray(alphas_cumprod, dtype=np.float64)
+            # compare in beta space: 1 - beta loses relative precision when beta is close to 1
+            if given.shape != (T,) or not np.allclose(1.0 - given / np.append(1.0, given[:-1]), betas,
+                                                      rtol=1e-10, atol=0):
+                raise ValueError("alphas_cumprod does not match the cumulative product of 1 - betas")
+            self.alphas_cumprod = given.copy()
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
         self.alphas_cumprod_next = np.append(self.alphas_cumprod[1:], 0.0)
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)

@@ -52,7 +52,7 @@ class SpacedDiffusion(GaussianDiffusion):
     """A diffusion over the kept steps of a base chain given by its betas.
 
     Betas are recomputed from alpha-bar at the kept steps, beta_i = 1 - abar(k_i)/abar(k_{i-1}), so
-    alpha-bar is unchanged there; the model still receives the original step indices.
+    alpha-bar is unchanged there (kept bit for bit); the model still receives the original step indices.
     """
 
     def __init__(self, use_timesteps, betas, **kwargs):
@@ -64,5 +64,6 @@ class SpacedDiffusion(GaussianDiffusion):
         abar_prev = np.append(1.0, abar[:-1])
         new_betas = 1.0 - abar / abar_prev
         self.use_timesteps = keep
-        super().__init__(new_betas, timestep_map=np.array(keep), original_num_steps=len(base_betas), **kwargs)
+        super().__init__(new_betas, timestep_map=np.array(keep), original_num_steps=len(base_betas),
+                         alphas_cumprod=abar, **kwargs)
         self.base_alphas_cumprod = np.cumprod(1.0 - base_betas)
