@@ -63,8 +63,13 @@ def git_commit(root: str | os.PathLike | None = None) -> str:
     commit = _git("rev-parse", "--verify", "HEAD")
     if not commit:
         return UNKNOWN
+    # The checkout must track the package sources under root (a site-packages folder inside some
+    # unrelated or ignored part of a repository does not count).
+    packages = [p for p in ("iddpm_core", "iddpm_eval") if (root / p).is_dir()]
+    if not packages or not _git("ls-files", "--", *packages):
+        return UNKNOWN
     # Only the package sources decide "dirty": results files and notes do not change a number.
-    paths = [p for p in ("iddpm_core", "iddpm_eval", "pyproject.toml") if (root / p).exists()]
+    paths = packages + (["pyproject.toml"] if (root / "pyproject.toml").exists() else [])
     status = _git("status", "--porcelain", "--untracked-files=no", "--", *paths)
     return commit + ("+dirty" if status else "")
 

@@ -251,6 +251,10 @@ def test_git_commit_of_checkout(tmp_path):
     src = tmp_path / "iddpm_core" / "m.py"
     src.write_text("x = 1\n")
     _git(tmp_path, "init", "-q")
+    (tmp_path / "other.txt").write_text("a")
+    _git(tmp_path, "add", "other.txt")
+    _git(tmp_path, "commit", "-q", "-m", "first")
+    assert git_commit(tmp_path) == "unknown"  # a checkout, but it does not track the sources
     _git(tmp_path, "add", ".")
     _git(tmp_path, "commit", "-q", "-m", "c")
     head = _git(tmp_path, "rev-parse", "HEAD").strip()
