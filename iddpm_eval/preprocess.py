@@ -1,0 +1,97 @@
+"""Image preprocessing for the FID Inception network: uint8 NHWC in, scaled 299x299 float out.
+
+Modes (DESIGN.md):
+
+* ``legacy-tf`` (default; TTUR, ADM, StyleGAN, EDM, torch-fidelity): float images in [0, 255],
+  TF1 ``resize_bilinear`` (``align_corners=False``, no half-pixel centres, no antialias) to
+  299x299, then (x - 128) / 128. Source coordinate of output pixel i is i * (in / out) in
+  float32; the two neighbours are floor(.) and min(floor(.) + 1, in - 1); the interpolation is
+  done along x first, then along y, as ``a + (b - a) * t`` (the order TF and torch-fidelity use).
+* ``clean`` (clean-fid): PIL bicubic resize of each channel as a 32-bit float image (``mode="F"``,
+  which antialiases when shrinking), clipped to [0, 255], then (x - 128) / 128.
+
+Grayscale images are replicated to three channels; any input size is accepted (one size per call).
+The output is NCHW float32 in channels-last memory (the layout the network runs fastest in).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+MODES = ("legacy-tf", "clean")
+SIZE = 299
+
+
+def check_images(images, name: str = "images") -> np.ndarray:
+    """Validate a uint8 batch and return it as (N, H, W, C) with C in {1, 3}.
+
+    Accepts (N, H, W) as grayscale. Raises ValueError naming the offending shape or dtype.
+    """
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    if not isinstance(images, np.ndarray):
+        raise ValueError(f"{name}: expected a numpy uint8 array (N, H, W, C), got {type(images).__name__}")
+    if images.dtype != np.uint8:
+        raise ValueError(f"{name}: expected dtype uint8 (values 0..255), got {images.dtype} with shape "
+                         f"{images.shape}; convert with ((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8)")
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"{name}: expected shape (N, H, W, C) with C in {{1, 3}} (NHWC), got {images.shape}")
+    if images.shape[1] < 1 or images.shape[2] < 1:
+        raise ValueError(f"{name}: empty images of shape {images.shape}")
+    return images
+
+
+def _tf_axis(in_size: int, out_size: int):
+    scale = torch.tensor(in_size / out_size, dtype=torch.float32)
+    src = torch.arange(out_size, dtype=torch.float32) * scale
+    lo = src.long()
+    hi = (lo + 1).clamp_max(in_size - 1)
+    return lo, hi, src - lo.float()
+
+
+def tf_bilinear_resize(x: torch.Tensor, size: int = SIZE) -> torch.Tensor:
+    """TF1 ``resize_bilinear(align_corners=False)`` of a float NHWC tensor to ``size`` x ``size``."""
+    n, h, w, c = x.shape
+    if h == size and w == size:
+        return x
+    ylo, yhi, dy = _tf_axis(h, size)
+    xlo, xhi, dx = _tf_axis(w, size)
+    dx = dx.view(1, 1, size, 1)
+
+    def along_x(rows: torch.Tensor) -> torch.Tensor:
+        left = rows.index_select(2, xlo)
+        right = rows.index_select(2, xhi)
+        return left + (right - left) * dx
+
+    top = along_x(x.index_select(1, ylo))
+    bottom = along_x(x.index_select(1, yhi))
+    return top + (bottom - top) * dy.view(1, size, 1, 1)
+
+
+def pil_bicubic_resize(image: np.ndarray, size: int = SIZE) -> np.ndarray:
+    """clean-fid's resize of one uint8 HWC image: PIL bicubic per channel in float mode, clipped."""
+    out = np.empty((size, size, image.shape[2]), dtype=np.float32)
+    for ch in range(image.shape[2]):
+        pil = Image.fromarray(image[:, :, ch].astype(np.float32), mode="F")
+        out[:, :, ch] = np.asarray(pil.resize((size, size), resample=Image.BICUBIC))
+    return np.clip(out, 0, 255, out=out)
+
+
+def preprocess(images: np.ndarray, mode: str = "legacy-tf", size: int = SIZE) -> torch.Tensor:
+    """uint8 (N, H, W, C) -> float32 (N, 3, size, size), channels-last, scaled by (x - 128) / 128."""
+    if mode not in MODES:
+        raise ValueError(f"unknown preprocessing mode {mode!r}; choose one of {', '.join(MODES)}")
+    images = check_images(images)
+    if mode == "legacy-tf":
+        x = tf_bilinear_resize(torch.from_numpy(images).to(torch.float32), size)
+    else:
+        x = torch.from_numpy(np.stack([pil_bicubic_resize(img, size) for img in images]))
+    x = (x - 128) / 128
+    if x.shape[-1] == 1:
+        x = x.expand(-1, -1, -1, 3)
+    # NHWC memory seen as NCHW: a channels-last tensor without a copy (one copy if expanded)
+    return x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
