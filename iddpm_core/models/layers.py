@@ -1,0 +1,116 @@
+"""Building blocks shared by the U-Net and the continuous U-Net."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding [N, dim] of (possibly fractional) timesteps t [N]: cos half, then sin half."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+def num_groups(channels: int, max_groups: int = 32) -> int:
+    """32 groups, or the largest divisor of ``channels`` below 32 when 32 does not divide it."""
+    for g in range(min(max_groups, channels), 0, -1):
+        if channels % g == 0:
+            return g
+    return 1
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).type(x.dtype)
+
+
+def normalization(channels: int) -> GroupNorm32:
+    return GroupNorm32(num_groups(channels), channels)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Set every parameter of ``module`` to zero and return it."""
+    for p in module.parameters():
+        p.detach().zero_()
+    return module
+
+
+class AttentionBlock(nn.Module):
+    """Residual multi-head self-attention over spatial positions; matmuls written out so FLOP counters see them."""
+
+    def __init__(self, channels: int, num_heads: int = 1):
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"{channels} channels do not split into {num_heads} heads")
+        self.channels = channels
+        self.num_heads = num_heads
+        self.norm = normalization(channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, *spatial = x.shape
+        flat = x.reshape(b, c, -1)
+        qkv = self.qkv(self.norm(flat))  # [b, 3c, T]
+        # each head owns a contiguous slice of 3 * c / heads channels holding its q, k, v
+        qkv = qkv.reshape(b * self.num_heads, 3 * c // self.num_heads, -1)
+        q, k, v = qkv.chunk(3, dim=1)  # [b*h, d, T]
+        scale = 1.0 / math.sqrt(math.sqrt(q.shape[1]))
+        w = torch.bmm((q * scale).transpose(1, 2), k * scale)  # [b*h, T, T]
+        w = torch.softmax(w.float(), dim=-1).type(w.dtype)
+        h = torch.bmm(v, w.transpose(1, 2))  # [b*h, d, T]
+        h = self.proj_out(h.reshape(b, c, -1))
+        return (flat + h).reshape(b, c, *spatial)
+
+
+class TimeEmbedding(nn.Module):
+    """Sinusoidal embedding of width ``base`` followed by a two-layer MLP to ``4 * base``; optional class labels."""
+
+    def __init__(self, base: int, num_classes: int | None = None):
+        super().__init__()
+        self.base = base
+        self.dim = 4 * base
+        self.mlp = nn.Sequential(nn.Linear(base, self.dim), nn.SiLU(), nn.Linear(self.dim, self.dim))
+        self.num_classes = num_classes
+        self.label_emb = nn.Embedding(num_classes, self.dim) if num_classes is not None else None
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor | None, n: int) -> torch.Tensor:
+        if t.dim() == 0:
+            t = t.expand(n)
+        if t.shape != (n,):
+            raise ValueError(f"t must have shape [{n}] (one timestep per image), got {tuple(t.shape)}")
+        emb = self.mlp(timestep_embedding(t, self.base))
+        if self.label_emb is None:
+            if y is not None:
+                raise ValueError("class labels y were given but the model has num_classes=None")
+        else:
+            if y is None:
+                raise ValueError(f"the model is class-conditional (num_classes={self.num_classes}): pass y")
+            if y.shape != (n,):
+                raise ValueError(f"y must have shape [{n}], got {tuple(y.shape)}")
+            emb = emb + self.label_emb(y.long())
+        return emb
+
+
+def check_input(x: torch.Tensor, in_channels: int, levels: int) -> None:
+    """Raise ValueError when ``x`` is not [N, in_channels, H, W] with H, W halving ``levels - 1`` times."""
+    if x.dim() != 4 or x.shape[1] != in_channels:
+        raise ValueError(f"x must have shape [N, {in_channels}, H, W], got {tuple(x.shape)}")
+    k = 2 ** (levels - 1)
+    if x.shape[2] % k or x.shape[3] % k:
+        raise ValueError(f"x spatial size {tuple(x.shape[2:])} must be divisible by {k} for {levels} levels")
+
+
+def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
