@@ -13,3 +13,4 @@ def main():
 # Subcommands register themselves below, one import per module.
 from iddpm_eval.cli.regress import regress as _regress; main.add_command(_regress)
 from iddpm_eval.cli.report import report as _report; main.add_command(_report)
+from iddpm_eval.cli.scaling import scaling_cmd as _scaling; main.add_command(_scaling)

@@ -1,0 +1,68 @@
+"""`iddpm-eval scaling`: power-law fits of a sweep table with bootstrap intervals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from iddpm_eval import plots, scaling
+
+
+@click.command("scaling")
+@click.argument("table", type=click.Path(exists=True, dir_okay=False))
+@click.option("--x", "x", default="compute", show_default=True,
+              help="compute (train_flops), params, images (images_seen) or any column name.")
+@click.option("--y", "y", default="fid", show_default=True, help="fid, nll or any column name.")
+@click.option("--fit", "form", type=click.Choice(scaling.FORMS), default=None,
+              help="saturating: E + A x^-alpha (default); power: A x^-alpha; fixed-E: E0 + A x^-alpha.")
+@click.option("--fixed-E", "fixed_e", type=float, default=None,
+              help="The known constant E0 of the fixed-E form (e.g. an entropy estimate); implies --fit fixed-E.")
+@click.option("--points", type=click.Choice(scaling.POINTS), default="frontier", show_default=True,
+              help="Rows fitted: the lower envelope of y as x grows, every row, or the last checkpoint per run.")
+@click.option("--joint", is_flag=True,
+              help="Fit y = E + A/N^alpha + B/D^beta on every row (N = params, D = images_seen); --x is ignored.")
+@click.option("--budget", "budgets", type=float, multiple=True,
+              help="With --joint: a compute budget C in FLOPs for the compute-optimal N and D (repeatable).")
+@click.option("--bootstrap", "n_boot", type=click.IntRange(min=0), default=4000, show_default=True,
+              help="Bootstrap resamples over runs (0: no intervals).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--ci", "level", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.95,
+              show_default=True, help="Interval level.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="results/scaling", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the fit as JSON.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def scaling_cmd(table, x, y, form, fixed_e, points, joint, budgets, n_boot, seed, level, out_dir, as_json,
+                no_progress):
+    """Fit a scaling law to a sweep TABLE (CSV) and write DIR/fit_<y>_vs_<x>.csv and .png."""
+    if fixed_e is not None and form not in (None, "fixed-E"):
+        raise click.UsageError(f"--fixed-E goes with --fit fixed-E, not --fit {form}")
+    if form is None:
+        form = "fixed-E" if fixed_e is not None else "saturating"
+    if form == "fixed-E" and fixed_e is None:
+        raise click.UsageError("--fit fixed-E needs --fixed-E VALUE")
+    if budgets and not joint:
+        raise click.UsageError("--budget needs --joint")
+    try:
+        df = scaling.read_table(table)
+        if joint:
+            res = scaling.joint_fit(df, y, budgets=budgets, n_boot=n_boot, seed=seed, level=level,
+                                    progress=not no_progress)
+            stem = f"fit_{y}_joint"
+        else:
+            res = scaling.scaling_fit(df, x, y, form=form, fixed_E=fixed_e, points=points, n_boot=n_boot,
+                                      seed=seed, level=level, progress=not no_progress)
+            stem = f"fit_{y}_vs_{x}"
+    except ValueError as e:
+        raise click.UsageError(f"{table}: {e}") from e
+    out = Path(out_dir)
+    csv_path = scaling.write_csv(res.table, out / f"{stem}.csv")
+    png_path = (plots.plot_joint if joint else plots.plot_scaling)(res, out / f"{stem}.png")
+    if as_json:
+        doc = res.to_json()
+        doc.update(csv=str(csv_path), png=str(png_path))
+        click.echo(json.dumps(scaling.json_safe(doc), indent=2))
+    else:
+        click.echo(res.table.to_string(index=False))
+        click.echo(f"wrote {csv_path} and {png_path}")

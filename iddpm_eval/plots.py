@@ -1,0 +1,102 @@
+"""Figures. Scaling plots: log-log data, compute frontier, fitted law and its bootstrap band.
+
+Figures are drawn on a bare ``matplotlib.figure.Figure`` (no pyplot state, no GUI backend) and
+written atomically as PNG.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from iddpm_core.io import atomic_path
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Write ``fig`` as PNG to ``path`` atomically."""
+    path = Path(path)
+    FigureCanvasAgg(fig)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+    return path
+
+
+def _fmt_ci(result, name: str) -> str:
+    row = result.table.set_index("parameter").loc[name]
+    ci = "" if np.isnan(row["ci_low"]) else f" [{row['ci_low']:.3g}, {row['ci_high']:.3g}]"
+    return f"{name} = {row['value']:.3g}{ci}"
+
+
+def plot_scaling(result, path: str | os.PathLike, *, title: str | None = None, n_grid: int = 200) -> Path:
+    """Log-log plot of a one-variable :class:`iddpm_eval.scaling.ScalingResult`: every row,
+    the frontier, the rows used by the fit, the fitted curve and its bootstrap percentile band."""
+    df, x, y = result.data, result.x, result.y
+    fig = Figure(figsize=(6.4, 4.8))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.scatter(df[x], df[y], s=10, color="0.7", label="all checkpoints", zorder=1)
+    fr = result.frontier
+    if len(fr):
+        ax.step(fr[x], fr[y], where="post", color="k", lw=1, label="frontier", zorder=2)
+    used = df[df["used"]]
+    ax.scatter(used[x], used[y], s=22, facecolors="none", edgecolors="tab:blue",
+               label=f"fitted points ({result.points})", zorder=3)
+    lo, hi = df[x].min(), df[x].max()
+    span = np.log10(hi / lo) if hi > lo else 1.0
+    grid = np.logspace(np.log10(lo) - 0.05 * span, np.log10(hi) + 0.05 * span, n_grid)
+    p = result.fit.params
+    label = {"saturating": "E + A x^-alpha", "power": "A x^-alpha", "fixed-E": "E0 + A x^-alpha"}[result.fit.form]
+    ax.plot(grid, result.fit.predict(grid), color="tab:red", lw=1.5, label=f"fit {label}", zorder=4)
+    if not np.isnan(result.boot).all() and result.boot.shape[0] > 1:
+        b_lo, b_hi = result.band(grid)
+        ax.fill_between(grid, b_lo, b_hi, color="tab:red", alpha=0.2, lw=0,
+                        label=f"{100 * result.level:g}% bootstrap band", zorder=0)
+    if "E" in p:
+        ax.axhline(p["E"], color="tab:red", ls=":", lw=1, label="E (fixed)" if result.fit.form == "fixed-E" else "E")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    lines = [_fmt_ci(result, k) for k in ("alpha", "E", "A") if k in result.names]
+    if result.fit.form == "fixed-E":
+        lines.append(f"E0 = {p['E']:.3g} (fixed)")
+    ax.text(0.02, 0.02, "\n".join(lines), transform=ax.transAxes, fontsize=8, va="bottom",
+            bbox={"facecolor": "white", "alpha": 0.8, "lw": 0})
+    ax.set_title(title or f"{y} vs {x}")
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=8, loc="upper right")
+    return save_figure(fig, path)
+
+
+def plot_joint(result, path: str | os.PathLike, *, n_col: str = "params", d_col: str = "images_seen",
+               title: str | None = None, n_grid: int = 100) -> Path:
+    """Log-log plot of the joint law: y against D, one colour per model size N, with the
+    fitted curve E + A N^-alpha + B D^-beta for each N."""
+    from matplotlib import colormaps
+
+    df, y = result.data, result.y
+    sizes = np.sort(df[n_col].unique())
+    cmap = colormaps["viridis"]
+    fig = Figure(figsize=(6.4, 4.8))
+    ax = fig.add_subplot(1, 1, 1)
+    d_lo, d_hi = df[d_col].min(), df[d_col].max()
+    grid = np.logspace(np.log10(d_lo), np.log10(d_hi), n_grid)
+    for i, n in enumerate(sizes):
+        c = cmap(i / max(len(sizes) - 1, 1))
+        sub = df[df[n_col] == n]
+        ax.scatter(sub[d_col], sub[y], s=14, color=c, label=f"N = {n:.3g}")
+        ax.plot(grid, result.fit.predict(np.full_like(grid, n), grid), color=c, lw=1)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(d_col)
+    ax.set_ylabel(y)
+    lines = [_fmt_ci(result, k) for k in ("E", "A", "alpha", "B", "beta")]
+    ax.text(0.02, 0.02, "\n".join(lines), transform=ax.transAxes, fontsize=8, va="bottom",
+            bbox={"facecolor": "white", "alpha": 0.8, "lw": 0})
+    ax.set_title(title or f"{y} = E + A N^-alpha + B D^-beta")
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=7, loc="upper right")
+    return save_figure(fig, path)
