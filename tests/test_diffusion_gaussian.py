@@ -30,19 +30,6 @@ class ConstModel(torch.nn.Module):
         return self.out
 
 
-class OneImageEps(torch.nn.Module):
-    """Optimal epsilon predictor when the data set is the single image x0 (original chain's alpha-bar)."""
-
-    def __init__(self, x0, alphas_cumprod, scale):
-        super().__init__()
-        self.x0, self.abar, self.scale = x0, torch.from_numpy(alphas_cumprod), scale
-
-    def forward(self, x, t):
-        idx = torch.round(t / self.scale).long()
-        ab = self.abar[idx].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-        return (x - ab.sqrt() * self.x0) / (1 - ab).sqrt()
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_posterior_equals_product_of_gaussians(seed):
     T = 25

@@ -1,7 +1,5 @@
 """Gaussian KL and the discretized Gaussian decoder against closed forms and peers."""
 
-import math
-
 import numpy as np
 import pytest
 import torch

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from iddpm_core.diffusion import (GaussianDiffusion, SpacedDiffusion, ddim_sample, ddim_sample_loop,
+from iddpm_core.diffusion import (SpacedDiffusion, ddim_sample, ddim_sample_loop,
                                   ddim_sample_loop_progressive, get_betas, p_sample, p_sample_loop,
                                   p_sample_loop_progressive, space_timesteps)
 
@@ -123,3 +123,21 @@ def test_same_seed_same_samples():
         assert a.dtype == torch.float32 and not torch.allclose(a, c)
     with pytest.raises(ValueError, match="initial noise has shape"):
         p_sample_loop(d, model, shape, noise=torch.zeros(1, 1, 3, 3))
+
+
+def test_model_kwargs_reach_the_model():
+    """Class labels (or any keyword) pass through sampling, losses and bits/dim unchanged."""
+    d = spaced("4", "learned_range")
+    y = torch.tensor([3, 5])
+    seen = []
+
+    def model(x, t, y=None):
+        seen.append(y)
+        return torch.cat([x * 0.1 + y.reshape(-1, 1, 1, 1) / 10, torch.zeros_like(x)], 1)
+
+    p_sample_loop(d, model, (2, 1, 2, 2), generator=torch.Generator().manual_seed(0), model_kwargs={"y": y})
+    ddim_sample_loop(d, model, (2, 1, 2, 2), generator=torch.Generator().manual_seed(0), model_kwargs={"y": y})
+    x0 = torch.zeros(2, 1, 2, 2)
+    d.training_losses(model, x0, torch.tensor([0, 3]), model_kwargs={"y": y})
+    d.calc_bpd_loop(model, x0, model_kwargs={"y": y})
+    assert len(seen) == 4 + 4 + 1 + 4 and all(s is y for s in seen)
