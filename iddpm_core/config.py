@@ -1,0 +1,195 @@
+"""Training configuration: :class:`TrainConfig` and :class:`RunConfig`, which bundles the model,
+diffusion and training configs. Every checkpoint stores the run config as a plain dict, so loading
+and resuming need no flags.
+
+A run config file is JSON (``.json``) or TOML (``.toml``) with up to three tables ``model``,
+``diffusion`` and ``train``; missing fields take their defaults, unknown fields are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SAMPLERS = ("uniform", "loss-second-moment")
+
+
+def _dataclass_from_dict(cls, d: dict, where: str):
+    """Build dataclass ``cls`` from ``d``, refusing unknown keys; lists become tuples where the
+    default is a tuple (JSON has no tuples)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected a table of fields, got {type(d).__name__}")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}; known fields are {sorted(names)}")
+    kwargs = {}
+    for k, v in d.items():
+        if isinstance(v, list):
+            v = tuple(v)
+        kwargs[k] = v
+    return cls(**kwargs)
+
+
+@dataclass
+class TrainConfig:
+    """How to train. ``batch_size`` is per process (the global batch is batch_size x processes);
+    ``microbatch`` splits it into chunks whose gradients are averaged (0 = no split)."""
+
+    data: str = "digits"                 # spec for iddpm_core.data.load_source
+    data_root: str | None = None         # folder holding Fashion-MNIST IDX files (None = Debian's)
+    flip: bool = False                   # random left-right flips
+    batch_size: int = 64
+    microbatch: int = 0
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    lr_warmup_steps: int = 0             # linear warm-up from 0 to lr (0 = constant lr)
+    ema_rates: tuple = (0.9999,)
+    ema_warmup: bool = False             # rate_k = min(rate, (1 + k) / (10 + k)) at update k
+    grad_clip: float = 0.0               # max global gradient norm (0 = no clipping)
+    timestep_sampler: str = "uniform"    # "uniform" or "loss-second-moment"
+    seed: int = 0
+    steps: int = 1000                    # train until this many optimiser steps in total
+    log_interval: int = 10
+    sample_interval: int = 500           # grid of samples every this many steps (0 = never)
+    save_interval: int = 1000            # ckpt_<step>.pt every this many steps (0 = only at the end)
+    sample_num: int = 64                 # images in the grid
+    sample_steps: str = "50"             # respacing of the grid's sampler; "ddimK" samples with DDIM
+    device: str = "auto"                 # "auto" (cuda if present), "cpu", "cuda", "cuda:1", ...
+
+    def __post_init__(self):
+        self.ema_rates = tuple(float(r) for r in (self.ema_rates if isinstance(self.ema_rates, (list, tuple))
+                                                   else (self.ema_rates,)))
+        self.validate()
+
+    def validate(self) -> None:
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(f"train config: {msg}")
+
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.microbatch >= 0, f"microbatch must be >= 0 (0 = whole batch), got {self.microbatch}")
+        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(self.lr_warmup_steps >= 0, f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
+        need(all(0.0 <= r < 1.0 for r in self.ema_rates), f"ema_rates must lie in [0, 1), got {self.ema_rates}")
+        need(len(set(self.ema_rates)) == len(self.ema_rates), f"ema_rates repeat a rate: {self.ema_rates}")
+        need(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        need(self.timestep_sampler in SAMPLERS,
+             f"timestep_sampler must be one of {SAMPLERS}, got {self.timestep_sampler!r}")
+        need(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
+        for name in ("log_interval", "sample_interval", "save_interval"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        need(self.log_interval >= 1, f"log_interval must be >= 1, got {self.log_interval}")
+        need(self.sample_num >= 1, f"sample_num must be >= 1, got {self.sample_num}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["ema_rates"] = list(self.ema_rates)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "train config") -> "TrainConfig":
+        return _dataclass_from_dict(cls, d, where)
+
+
+def _model_config_cls():
+    from iddpm_core.models import ModelConfig
+    return ModelConfig
+
+
+def _diffusion_config_cls():
+    from iddpm_core.diffusion.config import DiffusionConfig
+    return DiffusionConfig
+
+
+@dataclass
+class RunConfig:
+    """Model, diffusion and training configs of one run."""
+
+    model: Any = None
+    diffusion: Any = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if self.model is None:
+            self.model = _model_config_cls()()
+        if self.diffusion is None:
+            self.diffusion = _diffusion_config_cls()()
+        if isinstance(self.model, dict):
+            self.model = _model_from_dict(self.model, "model config")
+        if isinstance(self.diffusion, dict):
+            self.diffusion = _diffusion_from_dict(self.diffusion, "diffusion config")
+        if isinstance(self.train, dict):
+            self.train = TrainConfig.from_dict(self.train)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model.to_dict(), "diffusion": self.diffusion.to_dict(),
+                "train": self.train.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "run config") -> "RunConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: expected a table with model/diffusion/train, got {type(d).__name__}")
+        unknown = sorted(set(d) - {"model", "diffusion", "train"})
+        if unknown:
+            raise ValueError(f"{where}: unknown section(s) {unknown}; expected model, diffusion, train")
+        return cls(model=_model_from_dict(d.get("model", {}), f"{where} [model]"),
+                   diffusion=_diffusion_from_dict(d.get("diffusion", {}), f"{where} [diffusion]"),
+                   train=TrainConfig.from_dict(d.get("train", {}), f"{where} [train]"))
+
+    @staticmethod
+    def read_file(path: str | os.PathLike) -> dict:
+        """The raw tables of a .json / .toml run config file (no defaults filled in)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {path}: no such file")
+        if path.suffix not in (".json", ".toml"):
+            raise ValueError(f"config file {path}: use a .json or .toml file")
+        text = path.read_text()
+        try:
+            if path.suffix == ".json":
+                d = json.loads(text)
+            else:
+                import tomllib
+                d = tomllib.loads(text)
+        except ValueError as exc:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+            raise ValueError(f"config file {path}: cannot parse: {exc}") from exc
+        if not isinstance(d, dict):
+            raise ValueError(f"config file {path}: expected a table with model/diffusion/train")
+        cls_check = RunConfig.from_dict  # validates sections and fields
+        cls_check(d, where=f"config file {path}")
+        return {k: dict(d.get(k, {})) for k in ("model", "diffusion", "train")}
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "RunConfig":
+        return cls.from_dict(cls.read_file(path), where=f"config file {path}")
+
+    def save(self, path: str | os.PathLike) -> None:
+        from iddpm_core.io import write_text
+        write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def _model_from_dict(d: dict, where: str):
+    cls = _model_config_cls()
+    _check_keys(cls, d, where)
+    return cls.from_dict(dict(d)) if hasattr(cls, "from_dict") else _dataclass_from_dict(cls, d, where)
+
+
+def _diffusion_from_dict(d: dict, where: str):
+    cls = _diffusion_config_cls()
+    _check_keys(cls, d, where)
+    return cls.from_dict(dict(d)) if hasattr(cls, "from_dict") else _dataclass_from_dict(cls, d, where)
+
+
+def _check_keys(cls, d, where):
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected a table of fields, got {type(d).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}; known fields are {sorted(names)}")
