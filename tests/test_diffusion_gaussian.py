@@ -103,6 +103,9 @@ def test_mean_parameterisations_agree():
     clipped = ref.p_mean_variance(ConstModel(x0_pred * 10), x, t, clip_denoised=True)
     torch.testing.assert_close(clipped["pred_xstart"], (x0_pred * 10).clamp(-1, 1))
     torch.testing.assert_close(clipped["mean"], ref.q_posterior_mean_variance((x0_pred * 10).clamp(-1, 1), x, t)[0])
+    # denoised_fn acts on x0 before clipping
+    shifted = ref.p_mean_variance(ConstModel(x0_pred), x, t, clip_denoised=True, denoised_fn=lambda z: z + 3)
+    torch.testing.assert_close(shifted["pred_xstart"], (x0_pred + 3).clamp(-1, 1))
 
 
 def test_variance_types():

@@ -49,7 +49,7 @@ def _check_choice(kind: str, value: str, allowed) -> str:
 class GaussianDiffusion:
     """Forward process q, reverse process p, losses and bits/dim of a discrete Gaussian diffusion.
 
-    ``betas``: float64 array [T] in (0, 1]. ``timestep_map`` (used by respacing) gives, for each of
+    ``betas``: float64 array [T] in (0, 1). ``timestep_map`` (used by respacing) gives, for each of
     the T steps here, the index the model was trained on; ``original_num_steps`` is the length of
     that original chain (both default to this chain). ``alphas_cumprod`` may be given to keep exact
     values (respacing); it must agree with the cumulative product of ``1 - betas``.
@@ -69,8 +69,8 @@ class GaussianDiffusion:
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or betas.size < 1:
             raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}")
-        if not np.all((betas > 0) & (betas <= 1)):
-            raise ValueError("betas must lie in (0, 1]")
+        if not np.all((betas > 0) & (betas < 1)):
+            raise ValueError("betas must lie in (0, 1) (a beta of 1 leaves no signal: alpha-bar 0)")
         self.betas = betas
         self.num_timesteps = T = int(betas.shape[0])
         self.timestep_map = (np.arange(T, dtype=np.int64) if timestep_map is None
@@ -89,7 +89,6 @@ class GaussianDiffusion:
                 raise ValueError("alphas_cumprod does not match the cumulative product of 1 - betas")
             self.alphas_cumprod = given.copy()
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
-        self.alphas_cumprod_next = np.append(self.alphas_cumprod[1:], 0.0)
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
         self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
@@ -106,6 +105,8 @@ class GaussianDiffusion:
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
         # fixed_large: betas, with the first entry from the posterior to help the decoder
         self.large_variance = np.append(first, betas[1:])
+        self.log_large_variance = np.log(self.large_variance)
+        self.log_betas = np.log(betas)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -198,14 +199,14 @@ class GaussianDiffusion:
                 log_variance = var_values
             else:
                 min_log = self._extract(self.posterior_log_variance_clipped, t, x)
-                max_log = self._extract(np.log(self.betas), t, x)
+                max_log = self._extract(self.log_betas, t, x)
                 frac = (var_values + 1) / 2
                 log_variance = frac * max_log + (1 - frac) * min_log
             variance = torch.exp(log_variance)
         else:
             var_arr = self.posterior_variance if self.var_type == "fixed_small" else self.large_variance
             logvar_arr = (self.posterior_log_variance_clipped if self.var_type == "fixed_small"
-                          else np.log(self.large_variance))
+                          else self.log_large_variance)
             variance = self._extract(var_arr, t, x).expand_as(x)
             log_variance = self._extract(logvar_arr, t, x).expand_as(x)
 
