@@ -281,7 +281,7 @@ class NpzSource(ImageSource):
         return self.n
 
     def _read(self, i):
-        return self._arr.rows(i, i + 1)[0].reshape(self.shape), int(self.labels[i])
+        return self._arr.rows(i, i + 1)[0].reshape(self.shape).copy(), int(self.labels[i])
 
     def batch(self, indices):
         idx = np.asarray(indices, dtype=np.int64) % max(self.n, 1)

@@ -1,0 +1,183 @@
+"""Frechet distance between Gaussians fitted to features (FID, and sFID on spatial features).
+
+``frechet_distance`` follows the TF-compatible convention: float64, ``scipy.linalg.sqrtm`` of
+sigma1 @ sigma2, retried with 1e-6 * I added to both covariances when the square root is not
+finite, real part taken (a large imaginary part is an error). ``frechet_distance_eig`` is the
+independent cross-check: tr sqrt(sigma1 sigma2) = sum of sqrt(eigenvalues of
+sqrt(sigma1) sigma2 sqrt(sigma1)), a symmetric PSD matrix, via ``eigh``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from scipy import linalg
+
+from iddpm_eval.stats import check_stats, stats_from_features
+
+
+class FIDError(ValueError):
+    """Statistics that cannot be compared (dimensions, non-finite values, complex square root)."""
+
+
+def _checked(mu1, sigma1, mu2, sigma2):
+    mu1, sigma1 = check_stats(mu1, sigma1, "first statistics")
+    mu2, sigma2 = check_stats(mu2, sigma2, "second statistics")
+    if mu1.shape != mu2.shape:
+        raise FIDError(f"statistics have different dimensions: {mu1.shape[0]} vs {mu2.shape[0]}")
+    return mu1, sigma1, mu2, sigma2
+
+
+def _sqrtm(m: np.ndarray) -> np.ndarray:
+    # scipy < 1.16 prints a note for singular input unless disp=False; newer versions deprecate disp.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            out = linalg.sqrtm(m, disp=False)
+        except TypeError:
+            out = linalg.sqrtm(m)
+    return out[0] if isinstance(out, tuple) else out  # scipy returns a bare array for 1x1 input
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)), float64."""
+    mu1, sigma1, mu2, sigma2 = _checked(mu1, sigma1, mu2, sigma2)
+    diff = mu1 - mu2
+    covmean = _sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise FIDError(f"matrix square root has a large imaginary part ({np.abs(covmean.imag).max():.3g})")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh(sigma)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance_eig(mu1, sigma1, mu2, sigma2) -> float:
+    """Same distance through symmetric eigendecompositions (negative round-off eigenvalues -> 0)."""
+    mu1, sigma1, mu2, sigma2 = _checked(mu1, sigma1, mu2, sigma2)
+    diff = mu1 - mu2
+    s1 = _psd_sqrt(sigma1)
+    m = s1 @ sigma2 @ s1
+    w = np.linalg.eigvalsh((m + m.T) / 2)
+    tr_covmean = np.sqrt(np.clip(w, 0, None)).sum()
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+def fid_from_features(feats1: np.ndarray, feats2: np.ndarray) -> float:
+    mu1, s1 = stats_from_features(feats1, "first features")
+    mu2, s2 = stats_from_features(feats2, "second features")
+    return frechet_distance(mu1, s1, mu2, s2)
+
+
+def bootstrap_fid(feats1: np.ndarray | None, feats2: np.ndarray | None, rounds: int, *, stats1=None, stats2=None,
+                  seed: int | None = 0, confidence: float = 0.95, progress: bool = False) -> dict:
+    """Percentile bootstrap interval of FID: each round draws N images with replacement from
+    every side that has features (a side given only as ``stats`` = (mu, sigma) stays fixed) and
+    recomputes its statistics and the distance. Returns low, high, the rounds' values and which
+    sides were resampled."""
+    from tqdm.auto import tqdm
+
+    if rounds < 2:
+        raise ValueError(f"bootstrap needs at least 2 rounds, got {rounds}")
+    if feats1 is None and feats2 is None:
+        raise ValueError("bootstrap needs the features of at least one side, not only statistics")
+    rng = np.random.default_rng(seed)
+    values = np.empty(rounds)
+    for r in tqdm(range(rounds), desc="bootstrap", disable=not progress, leave=False):
+        sides = []
+        for feats, stats in ((feats1, stats1), (feats2, stats2)):
+            if feats is None:
+                sides.append(stats)
+            else:
+                sample = feats[rng.integers(0, len(feats), len(feats))]
+                sides.append(stats_from_features(sample))
+        values[r] = frechet_distance(sides[0][0], sides[0][1], sides[1][0], sides[1][1])
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(values, [alpha, 1 - alpha])
+    return dict(low=float(low), high=float(high), values=values, confidence=confidence,
+                resampled=[name for name, f in (("a", feats1), ("b", feats2)) if f is not None])
+
+
+def compare(a: str, b: str, *, mode: str = "legacy-tf", weights: str | None = None, num: int | None = None,
+            batch_size: int = 64, seed: int = 0, bootstrap: int = 0, kid: bool = False, sfid: bool = False,
+            pr: bool = False, k: int = 3, kid_subsets: int = 100, kid_subset_size: int = 1000,
+            save_features: str | None = None, extractor=None, device: str | None = None,
+            progress: bool = True) -> dict:
+    """FID between sources ``a`` and ``b`` (specs, see :mod:`iddpm_eval.sources`), with one feature
+    pass per source feeding every requested metric: KID (``kid``), sFID (``sfid``), precision/recall/
+    density/coverage with ``a`` as the reference set (``pr``), a bootstrap interval (``bootstrap``
+    rounds). ``save_features``: a folder that receives ``a.npz``/``b.npz`` (statistics + features)
+    for sources that were images. Returns a JSON-ready dict with provenance."""
+    from iddpm_core import __version__
+    from iddpm_eval import sources
+    from iddpm_eval.stats import save_stats
+
+    if bootstrap and bootstrap < 2:
+        raise ValueError(f"--bootstrap needs at least 2 rounds, got {bootstrap}")
+    need_features = bool(kid or pr or bootstrap or save_features)
+    cache = {}
+
+    def get_extractor():
+        if "fx" not in cache:
+            cache["fx"] = extractor if extractor is not None else sources.make_extractor(
+                mode, weights, batch_size, sfid, device)
+        return cache["fx"]
+
+    sides = []
+    for spec in (a, b):
+        res = sources.resolve(spec)
+        # features are needed from a side only if some metric uses them; a statistics file still
+        # works for plain FID (and for the other side's bootstrap).
+        need = need_features and not (res.kind == "stats" and bootstrap and not (kid or pr or save_features))
+        sides.append(sources.measure(res, get_extractor, mode=mode, need_features=need, need_spatial=sfid,
+                                     num=num, seed=seed, batch_size=batch_size, progress=progress))
+    ma, mb = sides
+    sha = sources.check_same_weights(ma, mb)
+    if "fx" in cache and getattr(cache["fx"], "weights_sha256", None):
+        sha = sources.check_same_weights(ma, mb, sources.Measured("this run's extractor", "extractor", ma.stats,
+                                                                  weights_sha256=cache["fx"].weights_sha256))
+    modes = {m.mode for m in sides if m.mode}
+    if len(modes) > 1:
+        raise FIDError(f"sources use different FID modes: {a}: {ma.mode}, {b}: {mb.mode}")
+    sa, sb = ma.stats, mb.stats
+    if sa.mu.shape != sb.mu.shape:
+        raise FIDError(f"{a} has {sa.mu.shape[0]}-dimensional statistics but {b} has {sb.mu.shape[0]}")
+    out = dict(fid=frechet_distance(sa.mu, sa.sigma, sb.mu, sb.sigma), n_a=ma.n, n_b=mb.n,
+               mode=mode, weights_sha256=sha, seed=seed, num=num, iddpm_version=__version__,
+               a=a, b=b, a_kind=ma.kind, b_kind=mb.kind, a_fingerprint=ma.fingerprint, b_fingerprint=mb.fingerprint)
+    if bootstrap:
+        bs = bootstrap_fid(ma.pool, mb.pool, bootstrap, stats1=(sa.mu, sa.sigma), stats2=(sb.mu, sb.sigma),
+                           seed=seed, progress=progress)
+        out.update(fid_ci_low=bs["low"], fid_ci_high=bs["high"], bootstrap_rounds=bootstrap,
+                   bootstrap_confidence=bs["confidence"], bootstrap_resampled=bs["resampled"])
+    if sfid:
+        out["sfid"] = frechet_distance(sa.mu_s, sa.sigma_s, sb.mu_s, sb.sigma_s)
+    if kid:
+        from iddpm_eval.kid import kid as kid_fn
+
+        r = kid_fn(ma.pool, mb.pool, subsets=kid_subsets, subset_size=kid_subset_size, seed=seed, progress=progress)
+        out.update(kid_mean=r["kid_mean"], kid_std=r["kid_std"], kid_subset_size=r["subset_size"],
+                   kid_subsets=r["subsets"])
+    if pr:
+        from iddpm_eval.prdc import compute_prdc
+
+        r = compute_prdc(ma.pool, mb.pool, k=k)
+        out.update({key: r[key] for key in ("precision", "recall", "density", "coverage", "k", "n_real", "n_fake")})
+        out["reference"] = "a"
+    if save_features:
+        import os
+
+        for name, m in (("a", ma), ("b", mb)):
+            if m.kind == "images" and m.pool is not None:
+                st = m.stats
+                st.mode, st.weights_sha256, st.fingerprint, st.source = m.mode, m.weights_sha256, m.fingerprint, m.spec
+                save_stats(os.path.join(save_features, f"{name}.npz"), st, features=m.pool, spatial=m.spatial)
+    return out

@@ -1,0 +1,275 @@
+"""Feature statistics: streaming float64 mean and covariance, reference-statistics files.
+
+:class:`RunningStats` merges batches with Chan et al.'s pairwise update (float64 mean and
+centred co-moment), so the result equals ``np.cov(all_features, rowvar=False)`` (ddof = 1)
+without keeping the features. :func:`extract` streams a source through a feature extractor,
+one batch in memory at a time, and returns an :class:`Extraction` (statistics, optionally the
+features, count and a sha256 fingerprint of the image bytes that went in).
+
+Files: :func:`save_stats` writes ``mu``, ``sigma``, ``count``, ``mode``, ``weights_sha256``,
+``fingerprint``, ``source`` (and ``mu_s``/``sigma_s`` for sFID, ``pool`` features on request).
+:func:`load_stats` also reads pytorch-fid and clean-fid ``mu``/``sigma`` files and ADM reference
+batches (``mu``, ``sigma``, ``mu_s``, ``sigma_s``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from iddpm_core.io import save_npz
+
+
+class StatsError(ValueError):
+    """Statistics or features that cannot be used; the message names the file."""
+
+
+class RunningStats:
+    """Float64 running mean and covariance (ddof = 1) over rows of feature batches."""
+
+    def __init__(self, dim: int | None = None):
+        self.dim = dim
+        self.n = 0
+        self.mean = None if dim is None else np.zeros(dim)
+        self.m2 = None if dim is None else np.zeros((dim, dim))
+
+    def update(self, feats: np.ndarray) -> "RunningStats":
+        x = np.asarray(feats, dtype=np.float64)
+        if x.ndim != 2:
+            raise StatsError(f"features must be [N, D], got shape {x.shape}")
+        if self.dim is None:
+            self.dim, self.mean, self.m2 = x.shape[1], np.zeros(x.shape[1]), np.zeros((x.shape[1],) * 2)
+        if x.shape[1] != self.dim:
+            raise StatsError(f"features have {x.shape[1]} dimensions, expected {self.dim}")
+        if not np.isfinite(x).all():
+            raise StatsError("features contain NaN or infinite values")
+        nb = x.shape[0]
+        if nb == 0:
+            return self
+        mb = x.mean(axis=0)
+        xc = x - mb
+        m2b = xc.T @ xc
+        n = self.n + nb
+        delta = mb - self.mean
+        self.m2 += m2b + np.outer(delta, delta) * (self.n * nb / n)
+        self.mean = self.mean + delta * (nb / n)
+        self.n = n
+        return self
+
+    @property
+    def cov(self) -> np.ndarray:
+        if self.n < 2:
+            raise StatsError(f"a covariance needs at least 2 feature vectors, have {self.n}")
+        return self.m2 / (self.n - 1)
+
+
+@dataclass
+class FeatureStats:
+    """Mean and covariance of features, with provenance (None where the file did not say)."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    count: int | None = None
+    mode: str | None = None
+    weights_sha256: str | None = None
+    fingerprint: str | None = None
+    source: str | None = None
+    mu_s: np.ndarray | None = None
+    sigma_s: np.ndarray | None = None
+    origin: str = "computed"  # "computed", or the file format it was read from
+
+    def __post_init__(self):
+        self.mu, self.sigma = check_stats(self.mu, self.sigma, self.source or "statistics")
+        if self.mu_s is not None:
+            self.mu_s, self.sigma_s = check_stats(self.mu_s, self.sigma_s, f"{self.source or 'statistics'} (sFID)")
+
+
+def check_stats(mu, sigma, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Return float64 ``mu`` [D] and ``sigma`` [D, D]; clear error on wrong shapes or non-finite values."""
+    if mu is None or sigma is None:
+        raise StatsError(f"{name}: needs both mu and sigma")
+    mu = np.atleast_1d(np.asarray(mu, dtype=np.float64))
+    sigma = np.atleast_2d(np.asarray(sigma, dtype=np.float64))
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise StatsError(f"{name}: mu must be [D] and sigma [D, D], got {mu.shape} and {sigma.shape}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise StatsError(f"{name}: statistics contain NaN or infinite values")
+    return mu, sigma
+
+
+def stats_from_features(feats: np.ndarray, name: str = "features") -> tuple[np.ndarray, np.ndarray]:
+    """Float64 mean and covariance (ddof = 1) of [N, D] features."""
+    rs = RunningStats()
+    try:
+        rs.update(feats)
+        return rs.mean.copy(), rs.cov
+    except StatsError as exc:
+        raise StatsError(f"{name}: {exc}") from None
+
+
+# ----------------------------------------------------------------------------- files
+
+def _meta(value):
+    return str(value) if value is not None else ""
+
+
+def save_stats(path: str | os.PathLike, stats: FeatureStats, features: np.ndarray | None = None,
+               spatial: np.ndarray | None = None) -> None:
+    """Write statistics (and optionally the pool / spatial features) to ``path`` atomically."""
+    arrays = dict(mu=stats.mu, sigma=stats.sigma, count=np.int64(stats.count or 0),
+                  mode=np.str_(_meta(stats.mode)), weights_sha256=np.str_(_meta(stats.weights_sha256)),
+                  fingerprint=np.str_(_meta(stats.fingerprint)), source=np.str_(_meta(stats.source)))
+    if stats.mu_s is not None:
+        arrays.update(mu_s=stats.mu_s, sigma_s=stats.sigma_s)
+    if features is not None:
+        arrays["pool"] = np.asarray(features, np.float32)
+    if spatial is not None:
+        arrays["spatial"] = np.asarray(spatial, np.float32)
+    save_npz(path, **arrays)
+
+
+def npz_keys(path: str | os.PathLike) -> set[str]:
+    """Names of the arrays in an ``.npz`` without loading them."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise StatsError(f"cannot read {path} as .npz: {exc}") from exc
+
+
+def _str(z, key):
+    if key not in z.files:
+        return None
+    v = str(z[key])
+    return v or None
+
+
+def load_stats(path: str | os.PathLike) -> FeatureStats:
+    """Read ``mu``/``sigma`` (+ ``mu_s``/``sigma_s``) from our files, pytorch-fid / clean-fid
+    statistics or an ADM reference batch; statistics are checked (shape, finite)."""
+    path = Path(path)
+    keys = npz_keys(path)
+    if not {"mu", "sigma"} <= keys:
+        raise StatsError(f"{path}: no 'mu' and 'sigma' arrays (has {sorted(keys)})")
+    with np.load(path, allow_pickle=False) as z:
+        ours = "fingerprint" in keys
+        origin = "iddpm" if ours else ("adm" if "arr_0" in keys else "mu/sigma file (pytorch-fid, clean-fid)")
+        count = int(z["count"]) if "count" in keys else None
+        return FeatureStats(
+            mu=z["mu"], sigma=z["sigma"], count=count or None, mode=_str(z, "mode"),
+            weights_sha256=_str(z, "weights_sha256"), fingerprint=_str(z, "fingerprint"),
+            source=str(path), origin=origin,
+            mu_s=z["mu_s"] if {"mu_s", "sigma_s"} <= keys else None,
+            sigma_s=z["sigma_s"] if {"mu_s", "sigma_s"} <= keys else None)
+
+
+@dataclass
+class FeatureFile:
+    """Cached features: ``pool`` [N, D] (and ``spatial``) with the provenance they were saved with."""
+
+    pool: np.ndarray
+    spatial: np.ndarray | None = None
+    mode: str | None = None
+    weights_sha256: str | None = None
+    fingerprint: str | None = None
+    source: str | None = None
+
+
+def load_features(path: str | os.PathLike) -> FeatureFile:
+    """Read features saved by :func:`save_stats` (``pool``) or clean-fid (``feats``)."""
+    path = Path(path)
+    keys = npz_keys(path)
+    key = "pool" if "pool" in keys else "feats" if "feats" in keys else None
+    if key is None:
+        raise StatsError(f"{path}: no 'pool' or 'feats' features array (has {sorted(keys)})")
+    with np.load(path, allow_pickle=False) as z:
+        pool = z[key]
+        spatial = z["spatial"] if "spatial" in keys else None
+        meta = dict(mode=_str(z, "mode"), weights_sha256=_str(z, "weights_sha256"),
+                    fingerprint=_str(z, "fingerprint"))
+    for name, arr in (("pool", pool), ("spatial", spatial)):
+        if arr is None:
+            continue
+        if arr.ndim != 2 or arr.shape[0] < 2 or not np.issubdtype(arr.dtype, np.floating):
+            raise StatsError(f"{path}: {name} features must be float [N >= 2, D], got {arr.dtype} {arr.shape}")
+        if not np.isfinite(arr).all():
+            raise StatsError(f"{path}: {name} features contain NaN or infinite values")
+    return FeatureFile(pool=pool, spatial=spatial, source=str(path), **meta)
+
+
+# ----------------------------------------------------------------------------- extraction
+
+@dataclass
+class Extraction:
+    """What one streaming pass over a source produced."""
+
+    stats: FeatureStats
+    pool: np.ndarray | None = None       # kept features [N, D] float32 (keep_features=True)
+    spatial: np.ndarray | None = None
+    count: int = 0
+    fingerprint: str = ""
+    indices: np.ndarray | None = field(default=None, repr=False)
+
+
+def choose_indices(n_total: int, num: int | None, seed: int | None) -> np.ndarray | None:
+    """All images (None) when ``num`` is None or covers the source; else ``num`` distinct indices
+    drawn with ``np.random.default_rng(seed)`` (seed None -> 0) and sorted, for sequential reads."""
+    if num is None or num >= n_total:
+        if num is not None and num > n_total:
+            raise StatsError(f"--num {num} is larger than the source ({n_total} images)")
+        return None
+    if num < 2:
+        raise StatsError(f"--num must be at least 2, got {num}")
+    rng = np.random.default_rng(0 if seed is None else seed)
+    return np.sort(rng.choice(n_total, size=num, replace=False))
+
+
+def extract(source, extractor, *, num: int | None = None, seed: int | None = None, batch_size: int = 64,
+            keep_features: bool = False, progress: bool = True, desc: str = "features") -> Extraction:
+    """Stream ``source`` (an :class:`iddpm_core.data.ImageSource`) through ``extractor`` and
+    accumulate float64 statistics of ``pool`` (and ``spatial`` when the extractor gives it).
+
+    The fingerprint is the sha256 of the image shape (H, W, C) and of all image bytes in order,
+    so the same pixels give the same fingerprint whatever the file format or batch size.
+    """
+    from tqdm.auto import tqdm
+
+    idx = choose_indices(len(source), num, seed)
+    total = len(source) if idx is None else len(idx)
+    if total < 2:
+        raise StatsError(f"{source.name}: needs at least 2 images for a covariance, has {total}")
+    pool_rs, spatial_rs = RunningStats(), None
+    kept_pool, kept_spatial = [], []
+    digest = hashlib.sha256()
+    bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False)
+    for images, _ in source.iter_batches(batch_size, indices=idx):
+        if pool_rs.n == 0:
+            digest.update(str(tuple(images.shape[1:])).encode())
+        digest.update(np.ascontiguousarray(images).tobytes())
+        out = extractor(images)
+        pool_rs.update(out["pool"])
+        if keep_features:
+            kept_pool.append(np.asarray(out["pool"], np.float32))
+        if out.get("spatial") is not None:
+            spatial_rs = spatial_rs or RunningStats()
+            spatial_rs.update(out["spatial"])
+            if keep_features:
+                kept_spatial.append(np.asarray(out["spatial"], np.float32))
+        bar.update(len(images))
+    bar.close()
+    fp = digest.hexdigest()
+    stats = FeatureStats(mu=pool_rs.mean, sigma=pool_rs.cov, count=pool_rs.n,
+                         mode=getattr(extractor, "mode", None),
+                         weights_sha256=getattr(extractor, "weights_sha256", None),
+                         fingerprint=fp, source=source.name,
+                         mu_s=spatial_rs.mean if spatial_rs else None,
+                         sigma_s=spatial_rs.cov if spatial_rs else None)
+    return Extraction(stats=stats,
+                      pool=np.concatenate(kept_pool) if keep_features else None,
+                      spatial=np.concatenate(kept_spatial) if keep_features and kept_spatial else None,
+                      count=pool_rs.n, fingerprint=fp, indices=idx)
