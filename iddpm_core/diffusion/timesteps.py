@@ -112,18 +112,22 @@ class LossSecondMomentSampler(ScheduleSampler):
                 self.loss_counts[t] += 1
 
     def state_dict(self) -> dict:
+        """Plain numbers and torch tensors (loadable with ``torch.load(..., weights_only=True)``)."""
         return {"num_timesteps": self.num_timesteps, "history": self.history,
-                "uniform_prob": self.uniform_prob, "loss_history": self.loss_history.copy(),
-                "loss_counts": self.loss_counts.copy()}
+                "uniform_prob": self.uniform_prob, "loss_history": torch.from_numpy(self.loss_history.copy()),
+                "loss_counts": torch.from_numpy(self.loss_counts.copy())}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        hist = np.asarray(state["loss_history"], dtype=np.float64)
+        hist = torch.as_tensor(state["loss_history"]).cpu().numpy().astype(np.float64)
         if hist.shape != (self.num_timesteps, self.history):
             raise ValueError(f"loss_history has shape {hist.shape}, expected {(self.num_timesteps, self.history)}")
         self.uniform_prob = float(state["uniform_prob"])
         self.loss_history = hist.copy()
-        self.loss_counts = np.asarray(state["loss_counts"], dtype=np.int64).copy()
+        counts = torch.as_tensor(state["loss_counts"]).cpu().numpy().astype(np.int64)
+        if counts.shape != (self.num_timesteps,) or counts.min() < 0 or counts.max() > self.history:
+            raise ValueError(f"loss_counts must be {self.num_timesteps} counts in [0, {self.history}]")
+        self.loss_counts = counts
 
 
 SAMPLERS = {"uniform": UniformSampler, "loss-second-moment": LossSecondMomentSampler}
