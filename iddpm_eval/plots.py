@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from iddpm_core.io import atomic_path
 
@@ -23,6 +24,15 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 120) -> Path:
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
     return path
+
+
+def _plain_ticks_if_narrow(ax, values) -> None:
+    """On a log axis spanning less than a decade, label ticks as plain numbers (3.2, not 3.2x10^0)."""
+    v = np.asarray(values, dtype=float)
+    if v.min() > 0 and v.max() / v.min() < 10:
+        fmt = FuncFormatter(lambda t, _: f"{t:.4g}")
+        ax.yaxis.set_major_formatter(fmt)
+        ax.yaxis.set_minor_formatter(fmt)
 
 
 def _fmt_ci(result, name: str) -> str:
@@ -60,8 +70,10 @@ def plot_scaling(result, path: str | os.PathLike, *, title: str | None = None, n
     ax.set_yscale("log")
     ax.set_xlabel(x)
     ax.set_ylabel(y)
-    lines = [_fmt_ci(result, k) for k in ("alpha", "E", "A") if k in result.names]
-    if result.fit.form == "fixed-E":
+    _plain_ticks_if_narrow(ax, df[y])
+    fixed = result.fit.form == "fixed-E"
+    lines = [_fmt_ci(result, k) for k in ("alpha", "E", "A") if k in result.names and not (fixed and k == "E")]
+    if fixed:
         lines.append(f"E0 = {p['E']:.3g} (fixed)")
     ax.text(0.02, 0.02, "\n".join(lines), transform=ax.transAxes, fontsize=8, va="bottom",
             bbox={"facecolor": "white", "alpha": 0.8, "lw": 0})
@@ -93,6 +105,7 @@ def plot_joint(result, path: str | os.PathLike, *, n_col: str = "params", d_col:
     ax.set_yscale("log")
     ax.set_xlabel(d_col)
     ax.set_ylabel(y)
+    _plain_ticks_if_narrow(ax, df[y])
     lines = [_fmt_ci(result, k) for k in ("E", "A", "alpha", "B", "beta")]
     ax.text(0.02, 0.02, "\n".join(lines), transform=ax.transAxes, fontsize=8, va="bottom",
             bbox={"facecolor": "white", "alpha": 0.8, "lw": 0})

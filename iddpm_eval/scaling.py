@@ -490,7 +490,9 @@ def _bootstrap(fit: Fit, logx: np.ndarray, ly: np.ndarray, groups, select: Calla
     names = list(fit.params)
     out = np.full((n_boot, len(names)), np.nan)
     ok_idx = np.flatnonzero(enough)
-    for c in tqdm(range(0, len(ok_idx), chunk), desc="bootstrap", disable=not progress, leave=False):
+    bar = tqdm(total=n_boot, desc="bootstrap", unit="resample", disable=not progress, leave=False)
+    bar.update(n_boot - len(ok_idx))
+    for c in range(0, len(ok_idx), chunk):
         idx = ok_idx[c:c + chunk]
         ns = len(starts)
         th0 = np.repeat(starts, len(idx), axis=0)  # start-major: (ns * len(idx), P)
@@ -501,6 +503,8 @@ def _bootstrap(fit: Fit, logx: np.ndarray, ly: np.ndarray, groups, select: Calla
         for i, row in zip(idx, th):
             p = _params_from_theta(model, fit.form, row, fit.center)
             out[i] = [p[k] for k in names]
+        bar.update(len(idx))
+    bar.close()
     return out
 
 
