@@ -1,4 +1,15 @@
-"""Gaussian diffusion of Improved DDPM: schedules, respacing, losses, timestep samplers, samplers."""
+"""Gaussian diffusion of Improved DDPM: schedules, respacing, losses, timestep samplers, samplers.
+
+Typical use::
+
+    cfg = DiffusionConfig(steps=1000, schedule="cosine", var_type="learned_range", loss="hybrid")
+    diffusion = build_diffusion(cfg)                       # training chain
+    t, w = create_sampler("loss-second-moment", diffusion.num_timesteps).sample(batch, generator=g)
+    terms = diffusion.training_losses(model, x0, t)       # {"loss", "mse", "vb"}, each [N]
+    fast = build_diffusion(cfg, respacing="ddim50")        # 50 of the 1000 steps
+    x = ddim_sample_loop(fast, model, (n, 3, 32, 32), generator=g, eta=0.0)
+    bpd = diffusion.calc_bpd_loop(model, x0)["total_bpd"]  # [N]
+"""
 
 from .config import DiffusionConfig, build_diffusion
 from .gaussian import (LOSS_ALIASES, LOSS_TYPES, MEAN_TYPES, VAR_TYPES, GaussianDiffusion, mean_flat,

@@ -123,7 +123,8 @@ class GaussianDiffusion:
             raise ValueError(f"t must be a 1-D tensor with one timestep per example ({x.shape[0]}), "
                              f"got {getattr(t, 'shape', t)}")
         t = t.long()
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
+        # value check on the CPU only: on an accelerator it would force a sync every step
+        if t.device.type == "cpu" and t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
             raise ValueError(f"timesteps must lie in [0, {self.num_timesteps}), got range "
                              f"[{int(t.min())}, {int(t.max())}]")
         return t
