@@ -594,7 +594,8 @@ def scaling_fit(table: pd.DataFrame, x: str = "compute", y: str = "fid", *, form
     """Fit y against x on a sweep table and bootstrap over runs.
 
     ``points``: "frontier" (default; the lower envelope of y over all checkpoints as x grows, the
-    usual choice for compute), "all" rows, or the "last" checkpoint of each run.
+    usual choice for compute), "all" rows, or the "last" checkpoint of each run (largest ``step``,
+    else the last row). Without a ``run`` column every row is its own run.
     """
     if form not in FORMS:
         raise ValueError(f"unknown form {form!r}; choose one of {FORMS}")

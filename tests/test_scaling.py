@@ -192,6 +192,11 @@ def test_frontier_of_a_hand_made_table():
     res = S.scaling_fit(t, "compute", "fid", form="power", n_boot=0, progress=False)
     assert res.frontier.index.tolist() == expect
     assert np.flatnonzero(res.data["used"]).tolist() == expect
+    # a bootstrap resample without run "m" recomputes the frontier: l@4 (33) now beats s@4 (38)
+    present = (t["run"] != "m").to_numpy()
+    m = S._select("frontier", t["train_flops"].to_numpy(), t["fid"].to_numpy(), t["run"].to_numpy(),
+                  np.zeros(len(t)), present)
+    assert np.flatnonzero(m).tolist() == [0, 1, 6, 7]
 
 
 def test_frontier_matches_brute_force_with_ties():

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import click
+import numpy as np
 
 from iddpm_eval import plots, scaling
 
@@ -56,6 +57,9 @@ def scaling_cmd(table, x, y, form, fixed_e, points, joint, budgets, n_boot, seed
             stem = f"fit_{y}_vs_{x}"
     except ValueError as e:
         raise click.UsageError(f"{table}: {e}") from e
+    failed = int(np.isnan(res.boot).any(axis=1).sum())
+    if failed:
+        click.echo(f"warning: {failed} of {n_boot} resamples had too few points and were left out", err=True)
     out = Path(out_dir)
     csv_path = scaling.write_csv(res.table, out / f"{stem}.csv")
     png_path = (plots.plot_joint if joint else plots.plot_scaling)(res, out / f"{stem}.png")
