@@ -314,3 +314,34 @@ def test_same_seed_same_losses():
     c = d.training_losses(m, x0, t, generator=torch.Generator().manual_seed(8))["loss"]
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.allclose(a, c)
+
+
+def test_vlb_terms_for_gaussian_data_with_optimal_denoiser():
+    """Data x0 ~ N(0, s^2) per pixel and the Bayes-optimal x0-predictor E[x0|x_t] = c_t x_t: with the
+    posterior variance, E[KL_t] = coef1_t^2 Var(x0|x_t) / (2 beta~_t) nats, and E[prior KL] is closed form."""
+    T, s2 = 20, 0.3
+    betas = get_betas("cosine", T)
+    d = GaussianDiffusion(betas, mean_type="x0", var_type="fixed_small")
+    abar = np.cumprod(1 - betas)
+    abar_prev = np.append(1.0, abar[:-1])
+    post = betas * (1 - abar_prev) / (1 - abar)
+    coef1 = betas * np.sqrt(abar_prev) / (1 - abar)
+    c = np.sqrt(abar) * s2 / (abar * s2 + 1 - abar)
+    cond_var = s2 * (1 - abar) / (abar * s2 + 1 - abar)
+
+    def model(x, t):
+        idx = torch.round(t * T / 1000).long()
+        return torch.from_numpy(c)[idx].to(x.dtype).reshape(-1, 1, 1, 1) * x
+
+    x0 = torch.randn(4, 1, 64, 64, generator=torch.Generator().manual_seed(11), dtype=D64) * math.sqrt(s2)
+    res = d.calc_bpd_loop(model, x0, clip_denoised=False, generator=torch.Generator().manual_seed(12))
+    expected_kl = (coef1 ** 2 * cond_var)[1:] / (2 * post[1:]) / math.log(2)  # bits per dim, t >= 1
+    got = res["vb"][:, 1:].mean(0).numpy()
+    np.testing.assert_allclose(got, expected_kl, rtol=0.05)
+    v = 1 - abar[-1]
+    expected_prior = 0.5 * (-math.log(v) + v + abar[-1] * s2 - 1) / math.log(2)
+    assert res["prior_bpd"].mean().item() == pytest.approx(expected_prior, rel=0.05)
+    # a mis-scaled denoiser is worse (same noise)
+    worse = d.calc_bpd_loop(lambda x, t: 0.8 * model(x, t), x0, clip_denoised=False,
+                            generator=torch.Generator().manual_seed(12))
+    assert worse["vb"][:, 1:].sum().item() > res["vb"][:, 1:].sum().item() * 1.05
