@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import click
 import numpy as np
 
 from iddpm_eval import plots, scaling
+
+
+def _safe(name: str) -> str:
+    """A file name from column names: anything but letters, digits, '.', '-', '_' becomes '_'."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
 @click.command("scaling")
@@ -50,11 +56,11 @@ def scaling_cmd(table, x, y, form, fixed_e, points, joint, budgets, n_boot, seed
         if joint:
             res = scaling.joint_fit(df, y, budgets=budgets, n_boot=n_boot, seed=seed, level=level,
                                     progress=not no_progress)
-            stem = f"fit_{y}_joint"
+            stem = _safe(f"fit_{y}_joint")
         else:
             res = scaling.scaling_fit(df, x, y, form=form, fixed_E=fixed_e, points=points, n_boot=n_boot,
                                       seed=seed, level=level, progress=not no_progress)
-            stem = f"fit_{y}_vs_{x}"
+            stem = _safe(f"fit_{y}_vs_{x}")
     except ValueError as e:
         raise click.UsageError(f"{table}: {e}") from e
     failed = int(np.isnan(res.boot).any(axis=1).sum())
