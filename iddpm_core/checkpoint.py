@@ -59,5 +59,7 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         model.load_state_dict(ckpt["model"])
     except (ValueError, TypeError, RuntimeError) as e:
         raise ValueError(f"{path}: stored model does not load ({e})") from e
-    model.to(map_location).eval()
+    if isinstance(map_location, (str, torch.device)):
+        model.to(map_location)
+    model.eval()
     return model, config, ckpt

@@ -49,7 +49,7 @@ def test_output_depends_on_t():
     out = model(x, torch.tensor([10.0, 900.0]))
     assert (out[0] - out[1]).abs().max() > 1e-3
     # and each ODE block on its own depends on the embedding
-    block = model.down[0]
+    block = model.down[0][0]
     state = torch.randn(1, 16, 8, 8)
     e1, e2 = torch.randn(2, 1, 32)
     assert (block(state, e1) - block(state, e2)).abs().max() > 1e-3
@@ -63,6 +63,21 @@ def test_counted_evaluations_equal_the_solver_count(solver, steps, per_step):
         model(torch.randn(1, 1, 8, 8), torch.tensor([1]))
     assert model.nfe == blocks * steps * per_step
     assert function_evaluations(model) == blocks * steps * per_step
+
+
+def test_blocks_per_level_follow_num_res_blocks():
+    model = build_model(small(num_res_blocks=2, attention_resolutions=()))
+    assert len(model.ode_blocks()) == 2 * 2 * 2 + 1  # 2 blocks at each of 2 levels on both paths, bottleneck
+    with torch.no_grad():
+        model(torch.randn(1, 1, 8, 8), torch.tensor([1]))
+    assert model.nfe == 4 * 9
+
+
+def test_additive_embedding_variant_depends_on_t():
+    model = randomize_(build_model(small(use_scale_shift_norm=False))).eval()
+    x = torch.randn(1, 1, 8, 8).repeat(2, 1, 1, 1)
+    out = model(x, torch.tensor([10.0, 900.0]))
+    assert out.shape == (2, 2, 8, 8) and (out[0] - out[1]).abs().max() > 1e-3
 
 
 def test_adaptive_solver_count_matches_a_hook_count():
@@ -137,3 +152,30 @@ def test_config_errors():
         build_model(small(solver="rk45"))
     with pytest.raises(ValueError, match="solver_steps"):
         build_model(small(solver_steps=0))
+    with pytest.raises(ValueError, match="no dropout"):
+        build_model(small(dropout=0.1))
+
+
+def test_small_config_parameter_count_equals_hand_count():
+    def conv(cin, cout, k):
+        return cin * cout * k * k + cout
+
+    def lin(i, o):
+        return i * o + o
+
+    def attn(c):
+        return 2 * c + (c * 3 * c + 3 * c) + (c * c + c)
+
+    def block(c, emb=32):  # dynamics GN(2c), conv 2c->c, GN(c), conv c->c; embedding projection to 2c
+        return 4 * c + conv(2 * c, c, 3) + 2 * c + conv(c, c, 3) + lin(emb, 2 * c)
+
+    hand = (lin(8, 32) + lin(32, 32)                       # time embedding
+            + conv(1, 8, 3) + 2 * 8 + conv(8, 8, 3)        # stem, initial velocity
+            + block(8) + block(16) + attn(32)              # down path (attention on the 32-channel state at 4 px)
+            + conv(16, 32, 1)                              # transition 8 px -> 4 px
+            + block(16)                                    # bottleneck
+            + conv(32 + 32, 32, 1) + block(16) + attn(32)  # up, 4 px: merge with skip
+            + conv(32 + 16, 16, 1) + block(8)              # up, 8 px
+            + 2 * 16 + conv(16, 1, 3))                     # output
+    model = build_model(small(learn_sigma=False))
+    assert sum(p.numel() for p in model.parameters()) == hand

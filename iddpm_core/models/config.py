@@ -110,6 +110,9 @@ class ModelConfig:
                 raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
             if self.solver_steps < 1:
                 raise ValueError(f"solver_steps must be >= 1, got {self.solver_steps}")
+            if self.dropout:
+                raise ValueError(f"the continuous U-Net has no dropout (its ODE right-hand side must be "
+                                 f"deterministic for the solver); got dropout={self.dropout}, use 0")
             if self.rtol <= 0 or self.atol <= 0:
                 raise ValueError(f"rtol and atol must be positive, got {self.rtol}, {self.atol}")
 

@@ -6,10 +6,14 @@ An ODE block integrates, over solver time s in [0, 1],
     dx/ds = v,    dv/ds = f(x, v; e) = Conv3x3(SiLU(GN(h) * (1 + a) + b)),  h = Conv3x3(SiLU(GN([x, v])))
 
 where (a, b) = Linear(SiLU(e)) comes from the diffusion-time embedding e (plus class embedding), so the
-diffusion time conditions every block (the released code computes the embedding but never uses it).
+diffusion time conditions every block (the released code computes the embedding but never uses it);
+with ``use_scale_shift_norm=False`` the embedding is added after the second norm instead.
 f does not depend on the solver time s. The initial velocity is a learned GN-SiLU-Conv3x3 of the stem
-output; afterwards (x, v) travel together: bilinear resizing and 1x1 convolutions map the 2c-channel
-state between levels, skips are concatenated, attention runs on the state at ``attention_resolutions``.
+output; afterwards (x, v) travel together: bilinear resizing and 1x1 convolutions (with SiLU) map the
+2c-channel state between levels, skips are concatenated, attention runs on the state at
+``attention_resolutions``. ``num_res_blocks`` is the number of ODE blocks per level on each path
+(1 = the released design: 2 * levels + 1 blocks). There is no dropout: an ODE right-hand side must be
+deterministic for the solver, so ``dropout > 0`` is refused.
 ``nfe`` counts evaluations of every f during the last forward pass.
 """
 
@@ -26,9 +30,10 @@ from .layers import AttentionBlock, TimeEmbedding, check_input, normalization, r
 class SecondOrderDynamics(nn.Module):
     """Right-hand side of dx/ds = v, dv/ds = f(x, v; e); counts its evaluations in ``nfe``."""
 
-    def __init__(self, channels: int, emb_dim: int):
+    def __init__(self, channels: int, scale_shift: bool = True):
         super().__init__()
         self.channels = channels
+        self.scale_shift = scale_shift
         self.norm1 = normalization(2 * channels)
         self.conv1 = nn.Conv2d(2 * channels, channels, 3, padding=1)
         self.norm2 = normalization(channels)
@@ -42,8 +47,12 @@ class SecondOrderDynamics(nn.Module):
         self.nfe += 1
         x, v, ss = state
         h = self.conv1(self.act(self.norm1(torch.cat([x, v], dim=1))))
-        scale, shift = ss[:, :, None, None].chunk(2, dim=1)
-        h = self.norm2(h) * (1 + scale) + shift
+        e = ss[:, :, None, None]
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h) + e  # after the norm: with one channel per group a norm would erase it
         dv = self.conv2(self.act(h))
         return v, dv, torch.zeros_like(ss)
 
@@ -54,8 +63,9 @@ class ODEBlock(nn.Module):
     def __init__(self, channels: int, emb_dim: int, config: ModelConfig):
         super().__init__()
         self.channels = channels
-        self.func = SecondOrderDynamics(channels, emb_dim)
-        self.emb_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * channels))
+        self.func = SecondOrderDynamics(channels, config.use_scale_shift_norm)
+        self.emb_proj = nn.Sequential(
+            nn.SiLU(), nn.Linear(emb_dim, 2 * channels if config.use_scale_shift_norm else channels))
         self.solver = config.solver
         self.steps = config.solver_steps
         self.rtol, self.atol = config.rtol, config.atol
@@ -111,7 +121,8 @@ class ContinuousUNet(nn.Module):
         self.stem = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
         self.initial_velocity = nn.Sequential(normalization(widths[0]), nn.SiLU(),
                                               nn.Conv2d(widths[0], widths[0], 3, padding=1))
-        self.down = nn.ModuleList(ODEBlock(c, emb_dim, config) for c in widths)
+        n = config.num_res_blocks
+        self.down = nn.ModuleList(nn.ModuleList(ODEBlock(c, emb_dim, config) for _ in range(n)) for c in widths)
         self.down_attn = nn.ModuleList(
             AttentionBlock(2 * c, config.num_heads) if r in attn_at else nn.Identity()
             for c, r in zip(widths, self.sizes))
@@ -121,7 +132,7 @@ class ContinuousUNet(nn.Module):
         self.up_merge = nn.ModuleList(
             Transition(2 * widths[min(i + 1, self.levels - 1)] + 2 * widths[i], 2 * widths[i])
             for i in range(self.levels))
-        self.up = nn.ModuleList(ODEBlock(c, emb_dim, config) for c in widths)
+        self.up = nn.ModuleList(nn.ModuleList(ODEBlock(c, emb_dim, config) for _ in range(n)) for c in widths)
         self.up_attn = nn.ModuleList(
             AttentionBlock(2 * c, config.num_heads) if r in attn_at else nn.Identity()
             for c, r in zip(widths, self.sizes))
@@ -129,7 +140,7 @@ class ContinuousUNet(nn.Module):
                                  zero_module(nn.Conv2d(2 * widths[0], config.out_channels, 3, padding=1)))
 
     def ode_blocks(self) -> list[ODEBlock]:
-        return [*self.down, self.middle, *self.up]
+        return [*(b for level in self.down for b in level), self.middle, *(b for level in self.up for b in level)]
 
     @property
     def nfe(self) -> int:
@@ -148,7 +159,9 @@ class ContinuousUNet(nn.Module):
         h = torch.cat([pos, self.initial_velocity(pos)], dim=1)
         skips = []
         for i in range(self.levels):
-            h = self.down_attn[i](self.down[i](h, emb))
+            for block in self.down[i]:
+                h = block(h, emb)
+            h = self.down_attn[i](h)
             skips.append(h)
             if i < self.levels - 1:
                 h = self.down_trans[i](resize(h, (h.shape[2] // 2, h.shape[3] // 2)))
@@ -158,5 +171,7 @@ class ContinuousUNet(nn.Module):
             if h.shape[-2:] != skip.shape[-2:]:
                 h = resize(h, skip.shape[-2:])
             h = self.up_merge[i](torch.cat([h, skip], dim=1))
-            h = self.up_attn[i](self.up[i](h, emb))
+            for block in self.up[i]:
+                h = block(h, emb)
+            h = self.up_attn[i](h)
         return self.out(h)
