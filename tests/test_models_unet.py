@@ -173,5 +173,7 @@ def test_errors_say_why():
         model(torch.randn(1, 1, 7, 7), torch.tensor([1]))
     with pytest.raises(ValueError, match="num_classes=None"):
         model(torch.randn(1, 1, 8, 8), torch.tensor([1]), torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        build_model(small(num_classes=3))(torch.randn(1, 1, 8, 8), torch.tensor([1]), torch.tensor([3]))
     with pytest.raises(ValueError, match="pass y"):
         build_model(small(num_classes=3))(torch.randn(1, 1, 8, 8), torch.tensor([1]))

@@ -99,7 +99,10 @@ class TimeEmbedding(nn.Module):
                 raise ValueError(f"the model is class-conditional (num_classes={self.num_classes}): pass y")
             if y.shape != (n,):
                 raise ValueError(f"y must have shape [{n}], got {tuple(y.shape)}")
-            emb = emb + self.label_emb(y.long())
+            y = y.long()
+            if n and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+                raise ValueError(f"class labels must lie in [0, {self.num_classes}), got {y.tolist()}")
+            emb = emb + self.label_emb(y)
         return emb
 
 

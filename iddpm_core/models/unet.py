@@ -64,7 +64,12 @@ class Stage(nn.ModuleList):
 
 
 class UNetModel(nn.Module):
-    """Improved-DDPM U-Net. ``forward(x, t, y=None)`` returns ``in_channels * (2 if learn_sigma else 1)`` channels."""
+    """Improved-DDPM U-Net. ``forward(x, t, y=None)`` returns ``in_channels * (2 if learn_sigma else 1)`` channels.
+
+    Layer for layer as improved-diffusion's ``UNetModel`` (same parameter count and FLOPs). As there, with
+    ``use_scale_shift_norm=False`` the embedding is added before a GroupNorm, which cancels it wherever a
+    group holds one channel (32 or fewer channels): keep scale-shift on (the default) for narrow models.
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
