@@ -132,11 +132,11 @@ def compare(a: str, b: str, *, mode: str = "legacy-tf", weights: str | None = No
         return cache["fx"]
 
     sides = []
-    for spec in (a, b):
-        res = sources.resolve(spec)
-        # features are needed from a side only if some metric uses them; a statistics file still
-        # works for plain FID (and for the other side's bootstrap).
-        need = need_features and not (res.kind == "stats" and bootstrap and not (kid or pr or save_features))
+    resolved = [sources.resolve(spec) for spec in (a, b)]  # both checked before any extraction
+    for res in resolved:
+        # KID and precision/recall need features from both sides; a statistics file still serves
+        # plain FID, the other side's bootstrap, and is not re-saved by save_features.
+        need = bool(kid or pr) or (need_features and res.kind != "stats")
         sides.append(sources.measure(res, get_extractor, mode=mode, need_features=need, need_spatial=sfid,
                                      num=num, seed=seed, batch_size=batch_size, progress=progress))
     ma, mb = sides
@@ -149,7 +149,7 @@ def compare(a: str, b: str, *, mode: str = "legacy-tf", weights: str | None = No
         raise FIDError(f"sources use different FID modes: {a}: {ma.mode}, {b}: {mb.mode}")
     sa, sb = ma.stats, mb.stats
     if sa.mu.shape != sb.mu.shape:
-        raise FIDError(f"{a} has {sa.mu.shape[0]}-dimensional statistics but {b} has {sb.mu.shape[0]}")
+        raise FIDError(f"{a} has {sa.mu.shape[0]}-dimensional statistics but {b} has {sb.mu.shape[0]}-dimensional statistics")
     out = dict(fid=frechet_distance(sa.mu, sa.sigma, sb.mu, sb.sigma), n_a=ma.n, n_b=mb.n,
                mode=mode, weights_sha256=sha, seed=seed, num=num, iddpm_version=__version__,
                a=a, b=b, a_kind=ma.kind, b_kind=mb.kind, a_fingerprint=ma.fingerprint, b_fingerprint=mb.fingerprint)

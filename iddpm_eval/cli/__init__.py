@@ -14,3 +14,6 @@ def main():
 from iddpm_eval.cli.regress import regress as _regress; main.add_command(_regress)
 from iddpm_eval.cli.report import report as _report; main.add_command(_report)
 from iddpm_eval.cli.scaling import scaling_cmd as _scaling; main.add_command(_scaling)
+from iddpm_eval.cli.fid import fid as _fid; main.add_command(_fid)
+from iddpm_eval.cli.stats import stats as _stats; main.add_command(_stats)
+from iddpm_eval.cli.recall import recall as _recall; main.add_command(_recall)

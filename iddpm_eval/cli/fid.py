@@ -1,0 +1,104 @@
+"""`iddpm-eval fid A B`: FID (and KID, sFID, precision/recall) between two sources."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+MODES = ("legacy-tf", "clean")  # iddpm_eval.preprocess.MODES, without importing torch for --help
+
+
+def source_options(f):
+    """Flags shared by fid and recall."""
+    opts = [
+        click.option("--mode", type=click.Choice(list(MODES)), default="legacy-tf", show_default=True,
+                     help="Preprocessing: legacy-tf (TF1 bilinear, published numbers) or clean (PIL bicubic)."),
+        click.option("--num", type=click.IntRange(min=2), default=None,
+                     help="Use N images (or cached features) per source, drawn with --seed; default all."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of --num subsets, KID subsets and bootstrap resampling."),
+        click.option("--weights", type=click.Path(dir_okay=False), default=None,
+                     help="Inception weights file (default: the offline NVIDIA TorchScript)."),
+        click.option("--device", default=None, help="torch device (default: cuda if available, else cpu)."),
+        click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
+        click.option("--results", type=click.Path(dir_okay=False), default=None,
+                     help="Append the metrics to this results table (CSV)."),
+        click.option("--experiment", default=None, help="Experiment name for --results (default: 'A vs B')."),
+        click.option("--save-features", type=click.Path(file_okay=False), default=None,
+                     help="Folder receiving a.npz / b.npz (statistics + features) to reuse as sources."),
+        click.option("--no-progress", is_flag=True, help="Hide progress bars."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def append_rows(path: str, out: dict, metrics: list[tuple[str, str, str | None, str | None]], experiment: str | None):
+    """Append one row per (metric, key, ci_low key, ci_high key) to the results table."""
+    from iddpm_eval.tables import append_result
+
+    exp = experiment or f"{out['a']} vs {out['b']}"
+    extra = {k: out[k] for k in ("a", "b", "n_a", "n_b", "a_fingerprint", "b_fingerprint", "iddpm_version", "num")
+             if out.get(k) is not None}
+    for metric, key, lo, hi in metrics:
+        if key in out:
+            append_result(path, experiment=exp, metric=metric, value=out[key],
+                          ci_low=out.get(lo) if lo else None, ci_high=out.get(hi) if hi else None,
+                          n=min(v for v in (out.get("n_a"), out.get("n_b")) if v is not None) if (out.get("n_a") or out.get("n_b")) else None,
+                          mode=out.get("mode"), seed=out.get("seed"), weights_sha256=out.get("weights_sha256"),
+                          extra=extra)
+
+
+def run_compare(a, b, *, as_json, results, experiment, no_progress, **kw) -> dict:
+    from iddpm_core.data import DataError
+    from iddpm_eval.fid import compare
+
+    try:
+        return compare(a, b, progress=not no_progress, **kw)
+    except (DataError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.command("fid")
+@click.argument("a")
+@click.argument("b")
+@source_options
+@click.option("--bootstrap", type=click.IntRange(min=0), default=0,
+              help="Bootstrap rounds for a 95% interval (resamples images of each side with features).")
+@click.option("--kid", is_flag=True, help="Also KID (torch-fidelity defaults: 100 subsets of 1000, cubic kernel).")
+@click.option("--kid-subsets", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--kid-subset-size", type=click.IntRange(min=2), default=1000, show_default=True)
+@click.option("--sfid", is_flag=True, help="Also sFID (mixed_6/conv features, 2023 dims).")
+@click.option("--pr", is_flag=True, help="Also precision/recall/density/coverage, A as the reference (real) set.")
+@click.option("--k", type=click.IntRange(min=1), default=3, show_default=True, help="Neighbours for --pr.")
+def fid(a, b, mode, num, batch_size, seed, weights, device, as_json, results, experiment, save_features,
+        no_progress, bootstrap, kid, kid_subsets, kid_subset_size, sfid, pr, k):
+    """FID between A and B: each a folder of images, an .npz batch, a statistics or features .npz,
+    or a dataset (fashion-mnist:train, fashion-mnist:test, digits, cifar10:SPLIT:FOLDER)."""
+    out = run_compare(a, b, as_json=as_json, results=results, experiment=experiment, no_progress=no_progress,
+                      mode=mode, num=num, batch_size=batch_size, seed=seed, weights=weights, device=device,
+                      save_features=save_features, bootstrap=bootstrap, kid=kid, kid_subsets=kid_subsets,
+                      kid_subset_size=kid_subset_size, sfid=sfid, pr=pr, k=k)
+    if results:
+        append_rows(results, out, [("fid", "fid", "fid_ci_low", "fid_ci_high"), ("kid", "kid_mean", None, None),
+                                   ("sfid", "sfid", None, None), ("precision", "precision", None, None),
+                                   ("recall", "recall", None, None), ("density", "density", None, None),
+                                   ("coverage", "coverage", None, None)], experiment)
+    if as_json:
+        click.echo(json.dumps(out, sort_keys=True))
+        return
+    line = f"FID {out['fid']:.4f}"
+    if "fid_ci_low" in out:
+        line += f" (95% CI {out['fid_ci_low']:.4f} .. {out['fid_ci_high']:.4f}, {bootstrap} bootstrap rounds)"
+    click.echo(f"{line}   [{out['mode']}, n_a={out['n_a']}, n_b={out['n_b']}]")
+    if "sfid" in out:
+        click.echo(f"sFID {out['sfid']:.4f}")
+    if "kid_mean" in out:
+        click.echo(f"KID {out['kid_mean']:.6f} +- {out['kid_std']:.6f} (subsets of {out['kid_subset_size']})")
+    if "precision" in out:
+        click.echo(f"reference (real) set: A = {a}")
+        click.echo("precision {precision:.4f}  recall {recall:.4f}  density {density:.4f}  coverage {coverage:.4f}"
+                   "  (k={k})".format(**out))
+    click.echo(f"weights sha256 {out['weights_sha256']}")

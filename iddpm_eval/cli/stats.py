@@ -1,0 +1,46 @@
+"""`iddpm-eval stats SOURCE -o ref.npz`: reference statistics of a source, computed once."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+MODES = ("legacy-tf", "clean")  # iddpm_eval.preprocess.MODES, without importing torch for --help
+
+
+@click.command("stats")
+@click.argument("source")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Statistics .npz to write.")
+@click.option("--mode", type=click.Choice(list(MODES)), default="legacy-tf", show_default=True)
+@click.option("--num", type=click.IntRange(min=2), default=None, help="Use N images drawn with --seed; default all.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--sfid", is_flag=True, help="Also store sFID statistics (mu_s, sigma_s).")
+@click.option("--features", "save_features", is_flag=True,
+              help="Also store the features (pool), so the file serves KID, precision/recall and bootstrap.")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Inception weights file.")
+@click.option("--device", default=None)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+@click.option("--no-progress", is_flag=True)
+def stats(source, output, mode, num, seed, batch_size, sfid, save_features, weights, device, as_json, no_progress):
+    """Write mu, sigma, count, mode, weights sha256 and a fingerprint of SOURCE's images to OUTPUT.
+    SOURCE is anything `iddpm-eval fid` accepts (an ADM batch's stored mu/sigma are reused)."""
+    from iddpm_core import __version__
+    from iddpm_core.data import DataError
+    from iddpm_eval.sources import source_statistics
+
+    try:
+        st = source_statistics(source, output, mode=mode, weights=weights, num=num, seed=seed,
+                               batch_size=batch_size, sfid=sfid, save_features=save_features,
+                               progress=not no_progress, device=device)
+    except (DataError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    summary = dict(output=output, source=source, n=st.count, dims=int(st.mu.shape[0]), mode=st.mode,
+                   weights_sha256=st.weights_sha256, fingerprint=st.fingerprint, seed=seed, num=num,
+                   sfid=st.mu_s is not None, iddpm_version=__version__)
+    if as_json:
+        click.echo(json.dumps(summary, sort_keys=True))
+    else:
+        click.echo(f"wrote {output}: {st.count} images, {st.mu.shape[0]} dims, mode {st.mode}, "
+                   f"fingerprint {st.fingerprint}")

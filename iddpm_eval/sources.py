@@ -1,0 +1,193 @@
+"""Turn a command-line source (A or B of ``iddpm-eval fid``) into features or statistics.
+
+A spec is resolved by the first resolver in :data:`RESOLVERS` that accepts it; add a kind of
+source (a checkpoint sampled on the fly, say) with :func:`register_resolver`. Built in:
+
+* ``.npz`` with ``pool`` (ours) or ``feats`` (clean-fid): cached features;
+* ``.npz`` with ``arr_0``: an image batch (ADM reference batches too; their ``mu``/``sigma`` are
+  used instead of recomputing when the run needs statistics only, in ``legacy-tf`` mode);
+* ``.npz`` with ``mu`` and ``sigma``: statistics (ours, pytorch-fid, clean-fid);
+* anything :func:`iddpm_core.data.load_source` opens: folders, ``fashion-mnist:train|test``,
+  ``digits``, ``cifar10:SPLIT:FOLDER``.
+
+:func:`measure` then produces a :class:`Measured`: statistics always, features when asked.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from iddpm_core.data import DataError, ImageSource, load_source
+from iddpm_eval.stats import (FeatureFile, FeatureStats, StatsError, extract, load_features, load_stats,
+                              npz_keys, stats_from_features)
+
+
+@dataclass
+class Resolved:
+    """A source as found: exactly one of ``images``, ``features``, ``stats`` is the primary data
+    (``stats`` may also accompany ``images`` for ADM reference batches)."""
+
+    spec: str
+    kind: str  # "images", "features" or "stats"
+    images: ImageSource | None = None
+    features: FeatureFile | None = None
+    stats: FeatureStats | None = None
+
+
+Resolver = Callable[[str], "Resolved | None"]
+
+
+def _resolve_npz(spec: str) -> Resolved | None:
+    path = Path(spec)
+    if path.suffix != ".npz" or not path.is_file():
+        return None
+    keys = npz_keys(path)
+    if "pool" in keys or "feats" in keys:
+        return Resolved(spec, "features", features=load_features(path))
+    if "arr_0" in keys:
+        stats = load_stats(path) if {"mu", "sigma"} <= keys else None
+        from iddpm_core.data import NpzSource
+
+        return Resolved(spec, "images", images=NpzSource(path), stats=stats)
+    if {"mu", "sigma"} <= keys:
+        return Resolved(spec, "stats", stats=load_stats(path))
+    raise StatsError(f"{path}: not an image batch (arr_0), statistics (mu, sigma) or features (pool, feats); "
+                     f"has {sorted(keys)}")
+
+
+def _resolve_data(spec: str) -> Resolved | None:
+    return Resolved(spec, "images", images=load_source(spec))
+
+
+RESOLVERS: list[Resolver] = [_resolve_npz, _resolve_data]
+
+
+def register_resolver(fn: Resolver, first: bool = True) -> None:
+    """Add a resolver: ``fn(spec) -> Resolved`` or None when the spec is not its kind."""
+    RESOLVERS.insert(0 if first else len(RESOLVERS) - 1, fn)
+
+
+def resolve(spec: str | os.PathLike) -> Resolved:
+    """Resolve ``spec`` with the registered resolvers; errors name the spec."""
+    spec = str(spec)
+    for fn in RESOLVERS:
+        out = fn(spec)
+        if out is not None:
+            return out
+    raise DataError(f"{spec}: no resolver accepts this source")
+
+
+def make_extractor(mode: str = "legacy-tf", weights: str | None = None, batch_size: int = 64,
+                   sfid: bool = False, device: str | None = None):
+    """The Inception extractor (imported lazily, so runs on cached statistics need no torch model)."""
+    from iddpm_eval.features import FeatureExtractor
+
+    return FeatureExtractor(weights=weights, mode=mode, device=device, batch_size=batch_size, sfid=sfid,
+                            progress=False)
+
+
+@dataclass
+class Measured:
+    """Statistics (and optionally features) of one source, with what they were computed from."""
+
+    spec: str
+    kind: str
+    stats: FeatureStats
+    pool: np.ndarray | None = None
+    spatial: np.ndarray | None = None
+    n: int | None = None
+    mode: str | None = None
+    weights_sha256: str | None = None
+    fingerprint: str | None = None
+    from_stored_stats: bool = False
+
+
+def _check_mode(name: str, got_mode, mode) -> None:
+    if got_mode and mode and got_mode != mode:
+        raise StatsError(f"{name} was computed in FID mode {got_mode!r}, but this run uses --mode {mode}")
+
+
+def check_same_weights(*measured: "Measured") -> str | None:
+    """The one weights sha256 the measured sides share (None if none recorded); error if they differ."""
+    known = {(m.weights_sha256, m.spec) for m in measured if m.weights_sha256}
+    if len({sha for sha, _ in known}) > 1:
+        parts = ", ".join(f"{spec}: {sha[:12]}..." for sha, spec in sorted(known, key=lambda t: t[1]))
+        raise StatsError(f"sources were computed with different Inception weights ({parts})")
+    return next(iter(known))[0] if known else None
+
+
+def measure(res: Resolved, extractor_fn: Callable[[], object], *, mode: str, need_features: bool,
+            need_spatial: bool = False, num: int | None = None, seed: int | None = None,
+            batch_size: int = 64, progress: bool = True) -> Measured:
+    """Statistics (and features when ``need_features``) of ``res``. ``extractor_fn`` is called
+    only when images must go through the network. ``num`` subsamples images or cached features
+    (seeded, see :func:`iddpm_eval.stats.choose_indices`); statistics files cannot be subsampled."""
+    from iddpm_eval.stats import choose_indices
+
+    if res.kind == "stats":
+        st = res.stats
+        if need_features:
+            raise StatsError(f"{res.spec} holds statistics only; KID, precision/recall and --bootstrap need "
+                             "features (give images or a features .npz)")
+        if num is not None and st.count is not None and num != st.count:
+            raise StatsError(f"{res.spec} holds statistics of {st.count} images; --num {num} cannot subsample them")
+        if need_spatial and st.mu_s is None:
+            raise StatsError(f"{res.spec} has no sFID statistics (mu_s, sigma_s)")
+        _check_mode(res.spec, st.mode, mode)
+        return Measured(res.spec, "stats", st, n=st.count, mode=st.mode or mode,
+                        weights_sha256=st.weights_sha256, fingerprint=st.fingerprint,
+                        from_stored_stats=True)
+    if res.kind == "features":
+        ff = res.features
+        _check_mode(res.spec, ff.mode, mode)
+        if need_spatial and ff.spatial is None:
+            raise StatsError(f"{res.spec} has no spatial features for sFID")
+        idx = choose_indices(len(ff.pool), num, seed)
+        pool = ff.pool if idx is None else ff.pool[idx]
+        spatial = None if ff.spatial is None else (ff.spatial if idx is None else ff.spatial[idx])
+        mu, sigma = stats_from_features(pool, res.spec)
+        mu_s, sigma_s = stats_from_features(spatial, res.spec) if need_spatial else (None, None)
+        st = FeatureStats(mu, sigma, count=len(pool), mode=ff.mode or mode, weights_sha256=ff.weights_sha256,
+                          fingerprint=ff.fingerprint if idx is None else None, source=res.spec,
+                          mu_s=mu_s, sigma_s=sigma_s)
+        return Measured(res.spec, "features", st, pool=pool, spatial=spatial, n=len(pool), mode=st.mode,
+                        weights_sha256=ff.weights_sha256, fingerprint=st.fingerprint)
+    # images
+    st = res.stats
+    if (st is not None and not need_features and num is None and mode == "legacy-tf"
+            and (not need_spatial or st.mu_s is not None)):
+        return Measured(res.spec, "stats", st, n=len(res.images), mode=mode, weights_sha256=st.weights_sha256,
+                        from_stored_stats=True)
+    fx = extractor_fn()
+    ex = extract(res.images, fx, num=num, seed=seed, batch_size=batch_size, keep_features=need_features,
+                 progress=progress, desc=f"features {res.spec}")
+    if need_spatial and ex.stats.mu_s is None:
+        raise StatsError("the feature extractor gave no spatial features for sFID")
+    return Measured(res.spec, "images", ex.stats, pool=ex.pool, spatial=ex.spatial, n=ex.count,
+                    mode=getattr(fx, "mode", mode), weights_sha256=getattr(fx, "weights_sha256", None),
+                    fingerprint=ex.fingerprint)
+
+
+def source_statistics(spec: str, out: str | os.PathLike, *, mode: str = "legacy-tf", weights: str | None = None,
+                      num: int | None = None, seed: int | None = None, batch_size: int = 64, sfid: bool = False,
+                      save_features: bool = False, progress: bool = True, device: str | None = None) -> FeatureStats:
+    """Compute the statistics of ``spec`` and write them to ``out`` (atomically): ``mu``, ``sigma``,
+    ``count``, ``mode``, ``weights_sha256``, ``fingerprint`` and ``source``; ``mu_s``/``sigma_s``
+    with ``sfid``; the ``pool`` (and ``spatial``) features with ``save_features``."""
+    from iddpm_eval.stats import save_stats
+
+    res = resolve(spec)
+    m = measure(res, lambda: make_extractor(mode, weights, batch_size, sfid, device), mode=mode,
+                need_features=save_features, need_spatial=sfid, num=num, seed=seed, batch_size=batch_size,
+                progress=progress)
+    st = m.stats
+    st.count, st.mode, st.weights_sha256, st.fingerprint = m.n, m.mode, m.weights_sha256, m.fingerprint
+    st.source = spec
+    save_stats(out, st, features=m.pool if save_features else None,
+               spatial=m.spatial if save_features else None)
+    return st
