@@ -98,20 +98,23 @@ def _to_safe(obj):
 
 
 def rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "numpy": _to_safe(np.random.get_state()), "python": random.getstate()}
+    """This process's RNG states (torch, numpy, python, cuda) as plain numpy/Python objects, which
+    gather across processes by pickling (tensors in ``all_gather_object`` fail to unpickle in some
+    torch versions); :func:`_to_safe` turns them into tensors for the checkpoint."""
+    st = {"torch": torch.get_rng_state().numpy(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
+        st["cuda"] = [s.numpy() for s in torch.cuda.get_rng_state_all()]
     return st
 
 
 def set_rng_state(st: dict) -> None:
-    torch.set_rng_state(st["torch"])
+    torch.set_rng_state(torch.as_tensor(np.asarray(st["torch"], dtype=np.uint8)))
     np_state = st["numpy"]
     np.random.set_state((np_state[0], np.asarray(np_state[1], dtype=np.uint32), *np_state[2:]))
     py = st["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     if "cuda" in st and torch.cuda.is_available() and len(st["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(st["cuda"])
+        torch.cuda.set_rng_state_all([torch.as_tensor(np.asarray(c, dtype=np.uint8)) for c in st["cuda"]])
 
 
 def seed_process(seed: int, rank: int) -> None:
@@ -258,9 +261,9 @@ def train(run_config: RunConfig | None, out_dir: str | os.PathLike, resume: str 
     read from inside the checkpoint. With ``run_config`` None the stored config is used.
 
     ``callback(step, model, ema, info)`` runs on every process after each optimiser step (``step`` =
-    steps done; ``info``: diffusion, run_config, out_dir, rank, images_seen, train_flops, metrics =
-    the last logged row or None). A returned dict of numbers is logged to TensorBoard as
-    ``callback/<name>`` and to ``callback_metrics.csv`` (rank 0).
+    steps done; ``info``: diffusion, run_config, out_dir, rank, world_size, images_seen, train_flops,
+    metrics = the last logged row or None, optimizer, timestep_sampler). A returned dict of numbers
+    is logged to TensorBoard as ``callback/<name>`` and to ``callback_metrics.csv`` (rank 0).
 
     Runs multi-process when started by torchrun (WORLD_SIZE > 1). Returns a summary dict.
     """
@@ -350,7 +353,7 @@ def _train(run_config, out: Path, resume, callback, progress, device) -> dict:
         csv_log = _MetricsCSV(out / "metrics.csv", resume_step)
 
     def save(step_done: int, periodic: bool) -> Path:
-        states = dist_utils.all_gather_object(rng_state())
+        states = _to_safe(dist_utils.all_gather_object(rng_state()))
         path = ckpt_dir / LATEST
         if rank == 0:
             from iddpm_core.checkpoint import save_checkpoint
@@ -466,7 +469,8 @@ def _train(run_config, out: Path, resume, callback, progress, device) -> dict:
             last_saved = step
         if callback is not None:
             info = {"diffusion": diffusion, "run_config": run_config, "out_dir": out, "rank": rank,
-                    "images_seen": images_seen, "train_flops": train_flops, "metrics": last_row}
+                    "world_size": world, "images_seen": images_seen, "train_flops": train_flops,
+                    "metrics": last_row, "optimizer": optimizer, "timestep_sampler": sampler}
             extra = callback(step, model, ema, info)
             if rank == 0 and isinstance(extra, dict) and extra:
                 _log_callback(out, writer, step, extra)
