@@ -17,3 +17,4 @@ from iddpm_eval.cli.scaling import scaling_cmd as _scaling; main.add_command(_sc
 from iddpm_eval.cli.fid import fid as _fid; main.add_command(_fid)
 from iddpm_eval.cli.stats import stats as _stats; main.add_command(_stats)
 from iddpm_eval.cli.recall import recall as _recall; main.add_command(_recall)
+from iddpm_eval.cli.nll import nll as _nll; main.add_command(_nll)

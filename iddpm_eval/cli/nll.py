@@ -1,0 +1,89 @@
+"""`iddpm-eval nll --checkpoint C --data D`: bits/dim of a checkpoint on a dataset (full variational bound)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import click
+
+
+@click.command("nll")
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Training checkpoint (holds the model and diffusion configs).")
+@click.option("--data", required=True,
+              help="Images: digits, fashion-mnist:test, a folder, an .npz batch (arr_0), cifar10:SPLIT:FOLDER.")
+@click.option("--num", type=click.IntRange(min=1), default=None, help="Use the first N images (default all).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="(image, timestep) pairs per forward pass (images per pass with --method loop).")
+@click.option("--exact-cdf", is_flag=True,
+              help="Exact normal CDF (erf) in the decoder instead of Improved DDPM's tanh approximation.")
+@click.option("--clip/--no-clip", "clip_denoised", default=True, show_default=True,
+              help="Clip the predicted x_0 to [-1, 1], as improved-diffusion's NLL script does.")
+@click.option("--estimate", type=click.IntRange(min=2), default=None, metavar="K",
+              help="Unbiased estimate from K sampled timesteps t >= 1 per image (plus the prior and decoder).")
+@click.option("--profile", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="With --estimate: importance-sample t from a breakdown CSV of an earlier run (nll_terms.csv) "
+                   "or a checkpoint's loss-second-moment sampler state.")
+@click.option("--uniform-mix", type=click.FloatRange(0, 1, min_open=True), default=0.05, show_default=True,
+              help="Share of the uniform distribution mixed into the --profile proposal.")
+@click.option("--method", type=click.Choice(["batched", "loop"]), default="batched", show_default=True,
+              help="batched: a forward pass holds many timesteps of an image; loop: one timestep at a time.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--ema", default=None, help="EMA rate to load (default: the run's first), or 'raw'.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Output folder (per-image CSV for resume, breakdown CSV and plot, nll.json). "
+                   "Default: beside the checkpoint.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--results", type=click.Path(dir_okay=False), default=None, help="Append the result to this table.")
+@click.option("--experiment", default="nll", show_default=True, help="Experiment name in --results.")
+@click.option("--no-progress", is_flag=True)
+def nll(checkpoint, data, num, batch_size, exact_cdf, clip_denoised, estimate, profile, uniform_mix, method, seed,
+        ema, out_dir, device, as_json, results, experiment, no_progress):
+    """Negative log-likelihood in bits/dim: prior KL + every KL term + the discretized decoder NLL,
+    per image, with the mean and its standard error. Reruns with the same --out resume."""
+    from iddpm_core.data import DataError
+    from iddpm_eval.nll import evaluate
+
+    if profile is not None and estimate is None:
+        raise click.UsageError("--profile needs --estimate K")
+    if estimate is not None and method == "loop":
+        raise click.UsageError("--estimate uses the batched method; drop --method loop")
+    if ema is not None and ema != "raw":
+        try:
+            ema = float(ema)
+        except ValueError:
+            raise click.UsageError(f"--ema must be a rate such as 0.9999 or 'raw', got {ema!r}") from None
+    try:
+        out = evaluate(checkpoint, data, out_dir=out_dir, num=num, batch_size=batch_size, seed=seed,
+                       exact_cdf=exact_cdf, clip_denoised=clip_denoised, estimate=estimate, profile=profile,
+                       uniform_mix=uniform_mix, method=method, ema=ema, device=device, progress=not no_progress)
+    except (DataError, ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if results:
+        from iddpm_eval.provenance import config_hash
+        from iddpm_eval.tables import append_result
+
+        se = out["bpd_stderr"]
+        ci = (None, None) if se is None or not math.isfinite(se) else (out["bpd"] - 1.96 * se, out["bpd"] + 1.96 * se)
+        extra = {k: out[k] for k in ("T", "prior_bpd", "decoder_bpd", "kl_bpd", "method", "estimate", "clip_denoised",
+                                     "data", "checkpoint", "checkpoint_step", "ema_rate")}
+        if "mc_stderr" in out:
+            extra["mc_stderr"] = out["mc_stderr"]
+        append_result(results, experiment=experiment, metric="bpd" if not estimate else f"bpd_est{estimate}",
+                      value=out["bpd"], ci_low=ci[0], ci_high=ci[1], n=out["n"], mode=out["cdf"], seed=seed,
+                      checkpoint_hash=out["checkpoint_sha256"],
+                      config_hash=config_hash({k: out[k] for k in ("T", "cdf", "clip_denoised", "estimate", "data")}),
+                      extra=extra)
+    if as_json:
+        click.echo(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                               for k, v in out.items()}, sort_keys=True))
+        return
+    se = out["bpd_stderr"]
+    se_txt = f" +- {se:.4f}" if se is not None and math.isfinite(se) else ""
+    what = "exact bound" if not estimate else f"estimate from K={estimate} timesteps (MC stderr {out['mc_stderr']:.4f})"
+    click.echo(f"{out['bpd']:.4f}{se_txt} bits/dim over {out['n']} images, T = {out['T']}, {what}, "
+               f"{out['cdf']} CDF")
+    click.echo(f"prior {out['prior_bpd']:.6f}  decoder {out['decoder_bpd']:.4f}  KL terms {out['kl_bpd']:.4f}")
+    click.echo(f"outputs in {out['out_dir']}")
