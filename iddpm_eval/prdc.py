@@ -63,8 +63,6 @@ def _as_features(x, name: str, device: torch.device) -> torch.Tensor:
         raise ValueError(f"{name}: features must be 2-D (N, D), got shape {tuple(t.shape)}")
     if t.dtype not in (torch.float32, torch.float64):
         t = t.to(torch.float32 if t.element_size() <= 4 else torch.float64)
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name}: features contain NaN or infinite values (shape {tuple(t.shape)})")
     return t.to(device)
 
 
@@ -72,23 +70,39 @@ def _blocks(n: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(s + size, n)) for s in range(0, n, size)]
 
 
-def _centred(x: torch.Tensor, mu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 centred rows and their float64 squared norms."""
-    c = x.to(torch.float64) - mu
-    return c.to(torch.float32), (c * c).sum(1)
+class _Centring:
+    """Rows of a feature set centred on a fixed point, as float32 blocks, with the float64
+    squared norms of those float32 rows (computed once, in blocks; they also check finiteness)."""
+
+    def __init__(self, x: torch.Tensor, mu: torch.Tensor, block_size: int, name: str):
+        self.x = x
+        # float32 input: centre on a float32 point, one float32 subtraction per element
+        self.mu = mu.to(torch.float32) if x.dtype == torch.float32 else mu
+        self.n2 = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
+        for a, b in _blocks(x.shape[0], block_size):
+            self.n2[a:b] = torch.linalg.vector_norm(self.rows(slice(a, b)), dim=1, dtype=torch.float64).square()
+        if not bool(torch.isfinite(self.n2).all()):
+            raise ValueError(f"{name}: features contain NaN or infinite values (or values too large for "
+                             f"float32), shape {tuple(x.shape)}")
+
+    def rows(self, sel) -> torch.Tensor:
+        if self.x.dtype == torch.float32:
+            return self.x[sel] - self.mu
+        return (self.x[sel] - self.mu).to(torch.float32)
 
 
 def _mean(x: torch.Tensor, block_size: int) -> torch.Tensor:
     s = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
     for a, b in _blocks(x.shape[0], block_size):
-        s += x[a:b].to(torch.float64).sum(0)
+        s += x[a:b].sum(0, dtype=torch.float64)
     return s / x.shape[0]
 
 
 def _sq32(a: torch.Tensor, na: torch.Tensor, b: torch.Tensor, nb: torch.Tensor) -> torch.Tensor:
-    """float32 squared distances na + nb - 2 a b^T of a row block against a column block."""
-    d2 = torch.addmm(nb.to(torch.float32).unsqueeze(0), a, b.T, alpha=-2.0)
-    return d2.add_(na.to(torch.float32).unsqueeze(1))
+    """float32 squared distances na + nb - 2 a b^T of a row block against a column block. The
+    product starts from zero (plain mm: the dot-product error bound holds); -2 is exact."""
+    d2 = torch.mm(a * -2.0, b.T)
+    return d2.add_(nb.to(torch.float32).unsqueeze(0)).add_(na.to(torch.float32).unsqueeze(1))
 
 
 def _exact_sq(x: torch.Tensor, i: torch.Tensor, y: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
@@ -96,8 +110,9 @@ def _exact_sq(x: torch.Tensor, i: torch.Tensor, y: torch.Tensor, j: torch.Tensor
     out = torch.empty(i.shape[0], dtype=torch.float64, device=x.device)
     step = max(1, (1 << 21) // max(1, x.shape[1]))
     for s in range(0, i.shape[0], step):
-        d = x[i[s:s + step]].to(torch.float64) - y[j[s:s + step]].to(torch.float64)
-        out[s:s + step] = (d * d).sum(1)
+        d = x[i[s:s + step]].to(torch.float64)
+        d -= y[j[s:s + step]]
+        out[s:s + step] = d.square_().sum(1)
     return out
 
 
@@ -140,23 +155,21 @@ def _merge(vals, idx, rows, d2, dim, offset, m):
     idx[rows] = torch.gather(alli, 1, p)
 
 
-def _knn_sq(x: torch.Tensor, k: int, block_size: int, bar) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact squared k-NN radii (float64) of every row of x, self excluded; also the float64
-    squared norms of the rows centred on the set's mean (used for error bounds)."""
+def _knn_sq(x: torch.Tensor, k: int, block_size: int, bar, name: str = "x") -> torch.Tensor:
+    """Exact squared k-NN radii (float64) of every row of x, self excluded."""
     n, dim = x.shape
     dev = x.device
     tau = _tau(dim)
     m = min(k + _EXTRA_CANDIDATES, n - 1)
-    mu = _mean(x, block_size)
-    blocks = _blocks(n, block_size)
+    cen = _Centring(x, _mean(x, block_size), block_size, name)
+    n2 = cen.n2
+    blocks = _self_blocks(n, block_size)
     vals = torch.full((n, m), math.inf, dtype=torch.float32, device=dev)
     idx = torch.zeros((n, m), dtype=torch.int64, device=dev)
-    n2 = torch.empty(n, dtype=torch.float64, device=dev)
-    for bi, (a0, a1) in enumerate(blocks):
-        xa, na = _centred(x[a0:a1], mu)
-        n2[a0:a1] = na
+    for bi, (a0, a1) in enumerate(blocks):  # upper triangle of tiles; each tile serves both sides
+        xa, na = cen.rows(slice(a0, a1)), n2[a0:a1]
         for b0, b1 in blocks[bi:]:
-            xb, nb = (xa, na) if b0 == a0 else _centred(x[b0:b1], mu)
+            xb, nb = (xa, na) if b0 == a0 else (cen.rows(slice(b0, b1)), n2[b0:b1])
             d2 = _sq32(xa, na, xb, nb)
             if b0 == a0:
                 d2.fill_diagonal_(math.inf)
@@ -165,39 +178,48 @@ def _knn_sq(x: torch.Tensor, k: int, block_size: int, bar) -> tuple[torch.Tensor
                 _merge(vals, idx, slice(b0, b1), d2, 0, a0, m)
             bar.update(1)
             del d2
-    n2max = float(n2.max())
-    rad2 = torch.empty(n, dtype=torch.float64, device=dev)
-    failed = []
-    step = max(1, (1 << 22) // max(1, m * dim))
-    for s in range(0, n, step):
-        e = min(s + step, n)
-        rows = torch.arange(s, e, device=dev)
-        ex = _exact_sq(x, rows.repeat_interleave(m), x, idx[s:e].reshape(-1)).view(e - s, m)
-        r2 = torch.kthvalue(ex, k, dim=1).values
-        rad2[s:e] = r2
-        if m < n - 1:  # some points were never candidates: certify none of them is closer
-            bound = vals[s:e].max(1).values.to(torch.float64) - tau * (n2[s:e] + n2max)
-            bad = torch.nonzero(r2 > bound).flatten()
-            if bad.numel():
-                failed.append(bad + s)
-    if failed:
-        _rescan(x, torch.cat(failed), rad2, k, mu, n2, tau, block_size)
-    return rad2, n2
+    # The exact value of candidate j of row i lies in [v_ij - t_ij, v_ij + t_ij], t_ij =
+    # tau (n2_i + n2_j); so the exact k-th value R_i lies in [lo_i, hi_i], the k-th smallest lower
+    # and upper ends. Candidates with v + t < lo are surely below R, those with v - t > hi surely
+    # above; R is the (k - #below)-th smallest exact value of the band in between.
+    v = vals.to(torch.float64)
+    t = tau * (n2.unsqueeze(1) + n2[idx])
+    lo = torch.kthvalue(v - t, k, dim=1).values.unsqueeze(1)
+    hi = torch.kthvalue(v + t, k, dim=1).values.unsqueeze(1)
+    below = v + t < lo
+    band = ~below & ~(v - t > hi)
+    i, j = torch.nonzero(band, as_tuple=True)
+    exact = torch.full((n, m), math.inf, dtype=torch.float64, device=dev)
+    exact[i, j] = _exact_sq(x, i, x, idx[i, j])
+    exact = torch.sort(exact, 1).values
+    rad2 = torch.gather(exact, 1, (k - 1 - below.sum(1)).unsqueeze(1)).squeeze(1)
+    if m < n - 1:  # points never kept as candidates lie above v_max; they must lie above hi too
+        floor = v.max(1).values - tau * (n2 + n2.max())
+        failed = torch.nonzero(floor <= hi.squeeze(1)).flatten()
+        if failed.numel():
+            _rescan(cen, failed, rad2, k, tau, block_size)
+    return rad2
 
 
-def _rescan(x, rows, rad2, k, mu, n2, tau, block_size):
+def _self_blocks(n: int, block_size: int) -> list[tuple[int, int]]:
+    """Tiles for a set against itself: half the block size, so that the wasted lower half of the
+    diagonal tiles stays small; memory stays below one block_size^2 block."""
+    return _blocks(n, max(1, block_size // 2))
+
+
+def _rescan(cen: _Centring, rows, rad2, k, tau, block_size):
     """Exact k-NN radii for ``rows`` whose float32 candidate list was not provably complete:
-    every point that may lie within the current upper bound rad2[row] is recomputed in float64."""
+    every point that may lie within the upper bound rad2[row] is recomputed in float64."""
+    x, n2 = cen.x, cen.n2
     n = x.shape[0]
     for r0 in range(0, rows.numel(), block_size):
         rr = rows[r0:r0 + block_size]
-        xa, na = _centred(x[rr], mu)
+        xa, na = cen.rows(rr), n2[rr]
         upper = rad2[rr]
         pi, pj = [], []
         for b0, b1 in _blocks(n, block_size):
-            xb, nb = _centred(x[b0:b1], mu)
-            d2 = _sq32(xa, na, xb, nb).to(torch.float64)
-            keep = d2 - tau * (na.unsqueeze(1) + nb.unsqueeze(0)) <= upper.unsqueeze(1)
+            d2 = _sq32(xa, na, cen.rows(slice(b0, b1)), n2[b0:b1]).to(torch.float64)
+            keep = d2 - tau * (na.unsqueeze(1) + n2[b0:b1].unsqueeze(0)) <= upper.unsqueeze(1)
             i, j = torch.nonzero(keep, as_tuple=True)
             j = j + b0
             own = rr[i] != j
@@ -217,9 +239,9 @@ def knn_radii(x, k: int = 3, block_size: int = 4096, device=None, progress: bool
     t = _as_features(x, "x", dev)
     if t.shape[0] <= k:
         raise ValueError(f"x: need more than k={k} points for k-NN radii, got shape {tuple(t.shape)}")
-    nb = len(_blocks(t.shape[0], block_size))
+    nb = len(_self_blocks(t.shape[0], block_size))
     with _Highest(), torch.no_grad(), tqdm(total=nb * (nb + 1) // 2, desc="k-NN radii", disable=not progress) as bar:
-        rad2, _ = _knn_sq(t, k, block_size, bar)
+        rad2 = _knn_sq(t, k, block_size, bar, "x")
     return rad2.sqrt().cpu().numpy()
 
 
@@ -266,24 +288,24 @@ def compute_prdc(real, fake, k: int = 3, block_size: int = 4096, device=None, pr
         if t.shape[0] <= k:
             raise ValueError(f"{name}: need more than k={k} points, got shape {tuple(t.shape)}")
     br, bf = _blocks(n, block_size), _blocks(m, block_size)
-    total = len(br) * (len(br) + 1) // 2 + len(bf) * (len(bf) + 1) // 2 + len(br) * len(bf)
+    sr, sf = len(_self_blocks(n, block_size)), len(_self_blocks(m, block_size))
+    total = sr * (sr + 1) // 2 + sf * (sf + 1) // 2 + len(br) * len(bf)
     tau = _tau(xr.shape[1])
     with _Highest(), torch.no_grad(), tqdm(total=total, desc="prdc", disable=not progress) as bar:
-        rr2, _ = _knn_sq(xr, k, block_size, bar)  # real radii^2
-        rf2, _ = _knn_sq(xf, k, block_size, bar)  # fake radii^2
+        rr2 = _knn_sq(xr, k, block_size, bar, "real")  # real radii^2
+        rf2 = _knn_sq(xf, k, block_size, bar, "fake")  # fake radii^2
         mu = (_mean(xr, block_size) * n + _mean(xf, block_size) * m) / (n + m)
+        cr, cf = _Centring(xr, mu, block_size, "real"), _Centring(xf, mu, block_size, "fake")
         counts = torch.zeros(m, dtype=torch.int64, device=dev)  # real balls holding each fake
         covered = torch.zeros(n, dtype=torch.bool, device=dev)  # real ball holds some fake
         recalled = torch.zeros(n, dtype=torch.bool, device=dev)  # real point in some fake ball
-        fake_blocks = []
-        for f0, f1 in bf:  # norms of centred fake blocks, for the per-block tolerance
-            fake_blocks.append(float(_centred(xf[f0:f1], mu)[1].max()))
+        fake_blocks = [float(cf.n2[f0:f1].max()) for f0, f1 in bf]  # for per-block tolerances
         chunk = max(1, (1 << 21) // block_size)
         for a0, a1 in br:
-            xa, na = _centred(xr[a0:a1], mu)
+            xa, na = cr.rows(slice(a0, a1)), cr.n2[a0:a1]
             na_max = float(na.max())
             for (f0, f1), nf_max in zip(bf, fake_blocks):
-                xb, nb = _centred(xf[f0:f1], mu)
+                xb, nb = cf.rows(slice(f0, f1)), cf.n2[f0:f1]
                 d2 = _sq32(xa, na, xb, nb)
                 t2 = rf2[f0:f1]  # real inside fake ball: d2 <= rf2[column]
                 w2 = tau * (nb + na_max)

@@ -14,7 +14,8 @@ def _sq(a, b):
     """Exact (float64) full squared-distance matrix, written directly from the definition."""
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
-    return np.stack([((a[i] - b) ** 2).sum(1) for i in range(len(a))])
+    step = max(1, (1 << 21) // (b.shape[0] * b.shape[1]))
+    return np.concatenate([((a[i:i + step, None, :] - b[None]) ** 2).sum(-1) for i in range(0, len(a), step)])
 
 
 def _ref(real, fake, k=K):
