@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import os
 import statistics
 import sys
 import time
@@ -60,6 +61,7 @@ def run(batch: int, repeats: int, progress: bool = True) -> list[dict]:
             cost[name] = {"params": count_parameters(m), "gflops": forward_flops(m) / 1e9,
                           "train_gflops": training_flops_per_image(m) / 1e9}
             m.eval()
+        load = os.getloadavg()[0]
         lat = latency_ms(models, unet_cfg, batch, repeats, progress)
         u, c = cost["unet"], cost["cunet"]
         rows.append({
@@ -82,6 +84,8 @@ def run(batch: int, repeats: int, progress: bool = True) -> list[dict]:
             "batch": batch,
             "repeats": repeats,
             "torch_threads": torch.get_num_threads(),
+            "load_avg_1min": round(load, 2),  # other processes on the machine: high values mean noisy times
+            "torch_version": torch.__version__,
             "unet_latency_ms": round(lat["unet"], 2),
             "cunet_latency_ms": round(lat["cunet"], 2),
             "latency_ratio": round(lat["cunet"] / lat["unet"], 4),
