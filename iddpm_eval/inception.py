@@ -28,6 +28,22 @@ from torch import nn
 BN_EPS = 1e-3
 
 
+def _fused_conv_relu():
+    """oneDNN's fused convolution + ReLU (the op torch.compile uses on CPU), if this build has it."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        op = torch.ops.mkldnn._convolution_pointwise
+        x, w = torch.ones(1, 2, 3, 3), torch.ones(2, 2, 1, 1)
+        ok = torch.equal(op(x, w, torch.zeros(2), [0, 0], [1, 1], [1, 1], 1, "relu", [None], ""), F.conv2d(x, w))
+    except (AttributeError, RuntimeError):
+        return None
+    return op if ok else None
+
+
+_FUSED = _fused_conv_relu()
+
+
 class ConvBN(nn.Module):
     """Conv (no bias) + batch norm without scale (eps 0.001) + ReLU, as in the TF graph."""
 
@@ -41,6 +57,11 @@ class ConvBN(nn.Module):
         self.register_buffer("mean", torch.zeros(cout))
         self.register_buffer("var", torch.ones(cout))
         self.folded = False
+        self._packed = None  # oneDNN copy of the folded weight, made at the first CPU call
+
+    def _apply(self, fn, recurse=True):
+        self._packed = None  # moved or cast: repack from the (new) weight on the next call
+        return super()._apply(fn, recurse)
 
     @torch.no_grad()
     def fold(self) -> None:
@@ -55,10 +76,20 @@ class ConvBN(nn.Module):
         self.mean = torch.zeros_like(self.mean)
         self.var = torch.full_like(self.var, 1.0 - BN_EPS)
         self.folded = True
+        self._packed = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.folded:
-            return F.relu(F.conv2d(x, self.weight, self.beta, self.stride, self.padding))
+            if _FUSED is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+                # one oneDNN primitive: convolution + bias + ReLU (no second pass over memory), with the
+                # weight reordered once into oneDNN's blocked layout instead of at every call
+                if self._packed is None:
+                    self._packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                        self.weight.to_mkldnn(), list(self.padding), [self.stride, self.stride], [1, 1], 1,
+                        list(x.shape))
+                return _FUSED(x, self._packed, self.beta, list(self.padding), [self.stride, self.stride],
+                              [1, 1], 1, "relu", [None], "")
+            return F.conv2d(x, self.weight, self.beta, self.stride, self.padding).relu_()
         y = F.conv2d(x, self.weight, None, self.stride, self.padding)
         y = F.batch_norm(y, self.mean, self.var, None, self.beta, False, 0.0, BN_EPS)
         return F.relu(y)
