@@ -91,10 +91,13 @@ class _Centring:
         return (self.x[sel] - self.mu).to(torch.float32)
 
 
-def _mean(x: torch.Tensor, block_size: int) -> torch.Tensor:
+def _mean(x: torch.Tensor, block_size: int, name: str) -> torch.Tensor:
+    """float64 column means; a NaN or infinity anywhere in x makes them non-finite."""
     s = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
     for a, b in _blocks(x.shape[0], block_size):
         s += x[a:b].sum(0, dtype=torch.float64)
+    if not bool(torch.isfinite(s).all()):
+        raise ValueError(f"{name}: features contain NaN or infinite values, shape {tuple(x.shape)}")
     return s / x.shape[0]
 
 
@@ -155,14 +158,13 @@ def _merge(vals, idx, rows, d2, dim, offset, m):
     idx[rows] = torch.gather(alli, 1, p)
 
 
-def _knn_sq(x: torch.Tensor, k: int, block_size: int, bar, name: str = "x") -> torch.Tensor:
-    """Exact squared k-NN radii (float64) of every row of x, self excluded."""
+def _knn_sq(cen: "_Centring", k: int, block_size: int, bar) -> torch.Tensor:
+    """Exact squared k-NN radii (float64) of every row of the set, self excluded."""
+    x, n2 = cen.x, cen.n2
     n, dim = x.shape
     dev = x.device
     tau = _tau(dim)
     m = min(k + _EXTRA_CANDIDATES, n - 1)
-    cen = _Centring(x, _mean(x, block_size), block_size, name)
-    n2 = cen.n2
     blocks = _self_blocks(n, block_size)
     vals = torch.full((n, m), math.inf, dtype=torch.float32, device=dev)
     idx = torch.zeros((n, m), dtype=torch.int64, device=dev)
@@ -241,7 +243,7 @@ def knn_radii(x, k: int = 3, block_size: int = 4096, device=None, progress: bool
         raise ValueError(f"x: need more than k={k} points for k-NN radii, got shape {tuple(t.shape)}")
     nb = len(_self_blocks(t.shape[0], block_size))
     with _Highest(), torch.no_grad(), tqdm(total=nb * (nb + 1) // 2, desc="k-NN radii", disable=not progress) as bar:
-        rad2 = _knn_sq(t, k, block_size, bar, "x")
+        rad2 = _knn_sq(_Centring(t, _mean(t, block_size, "x"), block_size, "x"), k, block_size, bar)
     return rad2.sqrt().cpu().numpy()
 
 
@@ -292,10 +294,11 @@ def compute_prdc(real, fake, k: int = 3, block_size: int = 4096, device=None, pr
     total = sr * (sr + 1) // 2 + sf * (sf + 1) // 2 + len(br) * len(bf)
     tau = _tau(xr.shape[1])
     with _Highest(), torch.no_grad(), tqdm(total=total, desc="prdc", disable=not progress) as bar:
-        rr2 = _knn_sq(xr, k, block_size, bar, "real")  # real radii^2
-        rf2 = _knn_sq(xf, k, block_size, bar, "fake")  # fake radii^2
-        mu = (_mean(xr, block_size) * n + _mean(xf, block_size) * m) / (n + m)
+        # one centring point (the mean of both sets) serves the three passes
+        mu = (_mean(xr, block_size, "real") * n + _mean(xf, block_size, "fake") * m) / (n + m)
         cr, cf = _Centring(xr, mu, block_size, "real"), _Centring(xf, mu, block_size, "fake")
+        rr2 = _knn_sq(cr, k, block_size, bar)  # real radii^2
+        rf2 = _knn_sq(cf, k, block_size, bar)  # fake radii^2
         counts = torch.zeros(m, dtype=torch.int64, device=dev)  # real balls holding each fake
         covered = torch.zeros(n, dtype=torch.bool, device=dev)  # real ball holds some fake
         recalled = torch.zeros(n, dtype=torch.bool, device=dev)  # real point in some fake ball
