@@ -142,13 +142,17 @@ def run(ctx, config_file, out_dir, resume, progress, **flags):
                 use = explicit
         for name in use:
             section, field, conv = FLAGS[name]
-            base[section][field] = conv(flags[name]) if not isinstance(flags[name], bool) else flags[name]
+            value = flags[name]
+            base[section][field] = value if value is None or isinstance(value, bool) else conv(value)
         if resume_ckpt is None:
             complete_model_config(base)
         config = RunConfig.from_dict(base, where="command line")
         summary = train(config, out_dir, resume=resume, progress=progress)
     except (ValueError, ResumeError, FileNotFoundError) as exc:
         raise click.UsageError(str(exc)) from exc
+    import os
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     click.echo(f"trained to step {summary['step']} ({summary['images_seen']} images, "
                f"{summary['train_flops']:.3e} training FLOPs)")
     click.echo(f"checkpoint:  {summary['checkpoint']}")
@@ -160,7 +164,9 @@ def run(ctx, config_file, out_dir, resume, progress, **flags):
 @click.command("iddpm-sample", context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="iddpm")
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="Training checkpoint.")
-@click.option("--num", type=int, required=True, help="Number of images.")
+@click.option("--num", "--num-samples", "num", type=int, required=True,
+              help="Number of images (--num-samples is the same flag; use it under torchrun, whose own "
+                   "parser mistakes --num for an abbreviation of --numa-binding).")
 @click.option("--steps", type=int, default=None, help="Sampling steps (respaced chain; default: all T).")
 @click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm", show_default=True)
 @click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM eta.")

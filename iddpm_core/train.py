@@ -310,7 +310,8 @@ def _train(run_config, out: Path, resume, callback, progress, device) -> dict:
     torch.manual_seed(seed_from(tcfg.seed, 0))
     model = build_model(mcfg).to(device)
     model.train()
-    # Measured once on a copy (its forward/backward must not touch this model's grads or the RNG).
+    # Measured once, on a copy so this model's gradients stay untouched, and before the per-process
+    # RNG is seeded below, so the measurement's dropout draws do not shift the training noise.
     flops_per_image = int(training_flops_per_image(copy.deepcopy(model)))
     n_params = count_parameters(model)
     dist_utils.broadcast_module(model)

@@ -25,6 +25,7 @@ def test_train_cli_run_and_resume(tmp_path):
     stored = json.loads((out / "run_config.json").read_text())
     assert stored["model"]["image_size"] == 8 and stored["model"]["in_channels"] == 1  # taken from the data
     assert stored["train"]["ema_rates"] == [0.9, 0.99] and stored["diffusion"]["steps"] == 20
+    assert stored["train"]["data_root"] is None  # flags left at a None default stay None
     r = CliRunner().invoke(train_main, ["run", "--out", str(out), "--resume", "auto", "--steps", "3", "--no-progress"])
     assert r.exit_code == 0, r.output
     assert load_checkpoint(out / "checkpoints" / "latest.pt")["step"] == 3
