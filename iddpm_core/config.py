@@ -32,7 +32,10 @@ def _dataclass_from_dict(cls, d: dict, where: str):
         if isinstance(v, list):
             v = tuple(v)
         kwargs[k] = v
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: {exc}") from exc
 
 
 @dataclass
@@ -177,13 +180,21 @@ class RunConfig:
 def _model_from_dict(d: dict, where: str):
     cls = _model_config_cls()
     _check_keys(cls, d, where)
-    return cls.from_dict(dict(d)) if hasattr(cls, "from_dict") else _dataclass_from_dict(cls, d, where)
+    try:
+        cfg = cls.from_dict(dict(d))
+        cfg.validate()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: {exc}") from exc
+    return cfg
 
 
 def _diffusion_from_dict(d: dict, where: str):
     cls = _diffusion_config_cls()
     _check_keys(cls, d, where)
-    return cls.from_dict(dict(d)) if hasattr(cls, "from_dict") else _dataclass_from_dict(cls, d, where)
+    try:
+        return cls.from_dict(dict(d))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: {exc}") from exc
 
 
 def _check_keys(cls, d, where):

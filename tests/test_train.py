@@ -92,6 +92,12 @@ def test_run_config_files_roundtrip(tmp_path):
         RunConfig.from_file(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="microbatch"):
         TrainConfig(microbatch=-1)
+    (tmp_path / "bad2.json").write_text(json.dumps({"train": {"batch_size": 0}}))
+    with pytest.raises(ValueError, match=r"bad2\.json.*batch_size"):
+        RunConfig.from_file(tmp_path / "bad2.json")
+    (tmp_path / "bad3.json").write_text(json.dumps({"model": {"image_size": 8, "attention_resolutions": [16]}}))
+    with pytest.raises(ValueError, match=r"bad3\.json.*attention resolution 16"):
+        RunConfig.from_file(tmp_path / "bad3.json")
     d = complete_model_config({"model": {"base_channels": 16}, "train": {"data": "digits"}})
     assert (d["model"]["image_size"], d["model"]["in_channels"], d["model"]["attention_resolutions"]) == (8, 1, [4])
 
