@@ -125,10 +125,11 @@ def seed_process(seed: int, rank: int) -> None:
 
 
 def _quarter_stats(t: torch.Tensor, loss: torch.Tensor, T: int) -> torch.Tensor:
-    """[sum of loss per quarter (4), count per quarter (4)] for timesteps t of a T-step chain."""
+    """[sum of loss per quarter (4), count per quarter (4)] for timesteps t of a T-step chain
+    (on the tensors' device, without a host sync)."""
     q = (t.long() * 4 // T).clamp(0, 3)
-    sums = torch.zeros(4, dtype=torch.float64).index_add_(0, q.cpu(), loss.detach().double().cpu())
-    counts = torch.bincount(q.cpu(), minlength=4).double()
+    sums = torch.zeros(4, dtype=torch.float64, device=loss.device).index_add_(0, q, loss.detach().double())
+    counts = torch.bincount(q, minlength=4).double()
     return torch.cat([sums, counts])
 
 
@@ -383,7 +384,8 @@ def _train(run_config, out: Path, resume, callback, progress, device) -> dict:
         save_png(out / "samples" / f"step_{step_done:06d}.png", make_grid(imgs), scale=grid_scale(size))
 
     # interval accumulators: weighted loss/mse/vb sums, example count, quarter sums/counts, grad norm sum
-    acc = torch.zeros(4 + 8 + 2, dtype=torch.float64)
+    # (kept on the device: no host sync per step)
+    acc = torch.zeros(4 + 8 + 2, dtype=torch.float64, device=device)
     has_terms = set()
     last_row, last_log_time, last_log_images = None, time.time(), images_seen
     start_time = time.time()
@@ -422,7 +424,7 @@ def _train(run_config, out: Path, resume, callback, progress, device) -> dict:
                 for n, key in enumerate(("loss", "mse", "vb")):
                     if key in terms:
                         has_terms.add(key)
-                        acc[n] += float((terms[key].detach().double() * wj).sum())
+                        acc[n] += (terms[key].detach().double() * wj).sum()
                 acc[3] += j.stop - j.start
                 acc[4:12] += _quarter_stats(t[j], terms["loss"], T)
         dist_utils.average_gradients(model.parameters())
@@ -430,7 +432,7 @@ def _train(run_config, out: Path, resume, callback, progress, device) -> dict:
             sampler.update_with_local_losses(t, torch.cat(local_losses))
         max_norm = tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        acc[12] += float(grad_norm)
+        acc[12] += grad_norm.double()
         acc[13] += 1
         optimizer.step()
         ema.update(model)
@@ -441,8 +443,8 @@ def _train(run_config, out: Path, resume, callback, progress, device) -> dict:
 
         # ---- logs
         if step % tcfg.log_interval == 0 or step == tcfg.steps:
-            tot = dist_utils.all_reduce_sum(acc.to(device)).cpu()
-            tot[12:] = acc[12:]  # the gradient norm is already global
+            tot = dist_utils.all_reduce_sum(acc).cpu().clone()
+            tot[12:] = acc[12:].cpu()  # the gradient norm is already global
             now = time.time()
             n = max(float(tot[3]), 1.0)
             row = {"step": step, "images_seen": images_seen, "train_flops": train_flops,
