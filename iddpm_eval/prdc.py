@@ -12,21 +12,25 @@ Conventions (those of torch-fidelity 0.4 and the ADM evaluator):
   (The ``prdc`` package compares with ``<``; on continuous features the two agree.)
 
 Distances are computed block by block (``block_size`` x ``block_size``); no full distance matrix
-is kept. Each block is a float32 matrix product on features centred in float64. Every decision that
-float32 rounding could flip is settled again in float64 from the features themselves: the result
-is the one of an exact float64 computation, whatever the block size or device.
+is kept. Each block is a float32 matrix product on features centred on the mean of both sets.
+Every decision that float32 rounding could flip is settled again in float64 from the features
+themselves (|x - y|^2 summed directly): the result is the one of an exact float64 computation,
+whatever the block size or device.
 
-How: with centred vectors a, b and squared norms n_a, n_b (float64), the float32 value of
-n_a + n_b - 2 a.b is within ``tau * (n_a + n_b)`` of the true squared distance, with
-``tau = gamma_{D+16}`` (a standard worst-case bound for a D-term float32 dot product plus the
-rounding of the inputs and of the assembly). Pairs closer than that to a radius are recomputed
-exactly; k-NN candidates (the k + 8 smallest float32 values per point) are recomputed exactly and
-a point whose candidate list cannot be certified complete is rescanned.
+How: with centred float32 rows a, b and their squared norms n_a, n_b (float64), the float32 value
+of n_a + n_b - 2 a.b is within ``tau * (n_a + n_b)`` of the true squared distance, with
+``tau = gamma_{D+16} = (D+16) u / (1 - (D+16) u)``, u = 2^-24: the worst-case bound of a D-term
+float32 dot product (any summation order) plus the rounding of the centred inputs and of the
+assembly. Pairs within that band of a radius are recomputed exactly. For the radii, the k + 8
+smallest float32 values per point are kept; only candidates whose interval may contain the k-th
+value are recomputed exactly, and a point whose candidate list cannot be proved complete is
+rescanned. With continuous features a few exact distances per point suffice.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -54,15 +58,20 @@ def _as_features(x, name: str, device: torch.device) -> torch.Tensor:
     """Check a (N, D) real array and put it on ``device`` without copying when possible."""
     if isinstance(x, torch.Tensor):
         t = x.detach()
+        if t.is_complex():
+            raise ValueError(f"{name}: features must be real, got dtype {t.dtype}")
     else:
         arr = np.asarray(x)
-        if arr.dtype.kind not in "fiu":
+        if arr.dtype.kind not in "fiub":
             raise ValueError(f"{name}: features must be a real numeric array, got dtype {arr.dtype}")
-        t = torch.from_numpy(np.ascontiguousarray(arr))
+        arr = np.ascontiguousarray(arr)
+        with warnings.catch_warnings():  # read-only arrays (np.load mmap): never written to
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(arr)
     if t.dim() != 2:
         raise ValueError(f"{name}: features must be 2-D (N, D), got shape {tuple(t.shape)}")
-    if t.dtype not in (torch.float32, torch.float64):
-        t = t.to(torch.float32 if t.element_size() <= 4 else torch.float64)
+    if t.dtype not in (torch.float32, torch.float64):  # half floats fit float32; integers float64
+        t = t.to(torch.float32 if t.is_floating_point() else torch.float64)
     return t.to(device)
 
 
@@ -111,7 +120,7 @@ def _sq32(a: torch.Tensor, na: torch.Tensor, b: torch.Tensor, nb: torch.Tensor) 
 def _exact_sq(x: torch.Tensor, i: torch.Tensor, y: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
     """Squared distances |x[i] - y[j]|^2 computed directly in float64, in chunks of pairs."""
     out = torch.empty(i.shape[0], dtype=torch.float64, device=x.device)
-    step = max(1, (1 << 21) // max(1, x.shape[1]))
+    step = max(1, (1 << 22) // max(1, x.shape[1]))
     for s in range(0, i.shape[0], step):
         d = x[i[s:s + step]].to(torch.float64)
         d -= y[j[s:s + step]]
@@ -303,7 +312,7 @@ def compute_prdc(real, fake, k: int = 3, block_size: int = 4096, device=None, pr
         covered = torch.zeros(n, dtype=torch.bool, device=dev)  # real ball holds some fake
         recalled = torch.zeros(n, dtype=torch.bool, device=dev)  # real point in some fake ball
         fake_blocks = [float(cf.n2[f0:f1].max()) for f0, f1 in bf]  # for per-block tolerances
-        chunk = max(1, (1 << 21) // block_size)
+        chunk = max(1, (1 << 23) // block_size)  # rows per chunk: index lists stay O(block^2)
         for a0, a1 in br:
             xa, na = cr.rows(slice(a0, a1)), cr.n2[a0:a1]
             na_max = float(na.max())
