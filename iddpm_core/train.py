@@ -9,12 +9,13 @@
 - ``OUT/samples/step_XXXXXX.png``: grids of samples from the first EMA;
 - ``OUT/checkpoints/latest.pt`` and ``ckpt_XXXXXX.pt``: model, EMA weights, optimiser,
   timestep-sampler state, RNG states, step, images seen, training FLOPs, configs, data description;
-- ``OUT/run_config.json``.
+- ``OUT/run_config.json``, ``OUT/summary.json`` (the returned summary) and, when the callback
+  returns numbers, ``OUT/callback_metrics.csv``.
 
 Determinism. The data order, timesteps, noise and flips of step s are drawn for the whole global
 batch (batch_size x processes) from generators seeded by (seed, s) (and the epoch), and each process
 takes its slice. So a run gives the same updates whatever the number of processes (up to float
-summation order), and a resumed run continues exactly: nothing random depends on how many steps
+summation order, and dropout aside), and a resumed run continues exactly: nothing random depends on how many steps
 ran in this process. The global torch RNG (dropout) is seeded per process and saved in checkpoints.
 
 Gradients: each micro-batch's loss is the importance-weighted per-example loss summed and divided by
