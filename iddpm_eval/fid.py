@@ -110,11 +110,11 @@ def compare(a: str, b: str, *, mode: str = "legacy-tf", weights: str | None = No
             batch_size: int = 64, seed: int = 0, bootstrap: int = 0, kid: bool = False, sfid: bool = False,
             pr: bool = False, k: int = 3, kid_subsets: int = 100, kid_subset_size: int = 1000,
             save_features: str | None = None, extractor=None, device: str | None = None,
-            progress: bool = True) -> dict:
+            progress: bool = True, sample_steps: int | None = None, sampler: str = "ddpm") -> dict:
     """FID between sources ``a`` and ``b`` (specs, see :mod:`iddpm_eval.sources`), with one feature
     pass per source feeding every requested metric: KID (``kid``), sFID (``sfid``), precision/recall/
     density/coverage with ``a`` as the reference set (``pr``), a bootstrap interval (``bootstrap``
-    rounds). ``save_features``: a folder that receives ``a.npz``/``b.npz`` (statistics + features)
+    rounds). A checkpoint source draws ``num`` images with ``sample_steps`` and ``sampler``. ``save_features``: a folder that receives ``a.npz``/``b.npz`` (statistics + features)
     for sources that were images. Returns a JSON-ready dict with provenance."""
     from iddpm_core import __version__
     from iddpm_eval import sources
@@ -132,7 +132,8 @@ def compare(a: str, b: str, *, mode: str = "legacy-tf", weights: str | None = No
         return cache["fx"]
 
     sides = []
-    resolved = [sources.resolve(spec) for spec in (a, b)]  # both checked before any extraction
+    resolved = [sources.resolve(spec, num=num, seed=seed, batch_size=batch_size, sample_steps=sample_steps,
+                                sampler=sampler, device=device) for spec in (a, b)]  # both checked before any extraction
     for res in resolved:
         # KID and precision/recall need features from both sides; a statistics file still serves
         # plain FID, the other side's bootstrap, and is not re-saved by save_features.

@@ -7,8 +7,14 @@ source (a checkpoint sampled on the fly, say) with :func:`register_resolver`. Bu
 * ``.npz`` with ``arr_0``: an image batch (ADM reference batches too; their ``mu``/``sigma`` are
   used instead of recomputing when the run needs statistics only, in ``legacy-tf`` mode);
 * ``.npz`` with ``mu`` and ``sigma``: statistics (ours, pytorch-fid, clean-fid);
+* a trainer checkpoint (``.pt``, ``.pth``, ``.ckpt``): ``--num`` images sampled on the fly, shard by
+  shard, exactly as :func:`iddpm_core.sample.sample_images` with the same seed, batch size, steps
+  and sampler would give them;
 * anything :func:`iddpm_core.data.load_source` opens: folders, ``fashion-mnist:train|test``,
   ``digits``, ``cifar10:SPLIT:FOLDER``.
+
+Resolvers get ``(spec, options)``; ``options`` holds ``num``, ``seed``, ``batch_size``,
+``sample_steps``, ``sampler`` and ``device`` for sources that need them.
 
 :func:`measure` then produces a :class:`Measured`: statistics always, features when asked.
 """
@@ -39,10 +45,10 @@ class Resolved:
     stats: FeatureStats | None = None
 
 
-Resolver = Callable[[str], "Resolved | None"]
+Resolver = Callable[[str, dict], "Resolved | None"]
 
 
-def _resolve_npz(spec: str) -> Resolved | None:
+def _resolve_npz(spec: str, options: dict) -> Resolved | None:
     path = Path(spec)
     if path.suffix != ".npz" or not path.is_file():
         return None
@@ -60,23 +66,87 @@ def _resolve_npz(spec: str) -> Resolved | None:
                      f"has {sorted(keys)}")
 
 
-def _resolve_data(spec: str) -> Resolved | None:
+class CheckpointSource(ImageSource):
+    """``num`` images sampled from a trainer checkpoint, one shard of ``batch_size`` at a time
+    (shard k seeded from (seed, k) by :mod:`iddpm_core.sample`); the last shard is cached."""
+
+    def __init__(self, path: str | os.PathLike, num: int, seed: int = 0, batch_size: int = 64,
+                 steps: int | None = None, sampler: str = "ddpm", device: str | None = None):
+        from iddpm_core.diffusion import build_diffusion
+        from iddpm_core.sample import load_for_sampling, respacing_for
+
+        if num is None or num < 2:
+            raise DataError(f"{path}: sampling from a checkpoint needs --num (at least 2 images)")
+        try:
+            self.sm = load_for_sampling(path, device=device or "cpu")
+        except (ValueError, KeyError, RuntimeError, OSError) as exc:
+            raise DataError(f"cannot load checkpoint {path}: {exc}") from exc
+        cfg = self.sm.model_config
+        self.diffusion = build_diffusion(self.sm.diffusion_config,
+                                         respacing_for(steps, sampler, self.sm.diffusion_config.steps))
+        self.name = f"{path} (sampled: {num} images, seed {seed}, steps {steps or 'all'}, {sampler})"
+        self.num, self.seed, self.shard_size, self.sampler = num, seed, batch_size, sampler
+        self.shape = (int(cfg.image_size), int(cfg.image_size), int(cfg.in_channels))
+        self.has_labels = bool(getattr(cfg, "num_classes", None))
+        self._cache: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return self.num
+
+    def _shard(self, k: int):
+        from iddpm_core.sample import sample_shard
+
+        if self._cache is None or self._cache[0] != k:
+            n = min(self.shard_size, self.num - k * self.shard_size)
+            imgs, labels = sample_shard(self.sm, self.diffusion, n, self.seed, k, self.sampler)
+            labels = np.full(n, -1, np.int64) if labels is None else labels
+            self._cache = (k, imgs, labels)
+        return self._cache[1], self._cache[2]
+
+    def _read(self, i):
+        imgs, labels = self._shard(i // self.shard_size)
+        return imgs[i % self.shard_size], int(labels[i % self.shard_size])
+
+    def iter_batches(self, batch_size: int = 64, indices=None):
+        if indices is not None:
+            yield from super().iter_batches(batch_size, indices)
+            return
+        for k in range(-(-self.num // self.shard_size)):
+            imgs, labels = self._shard(k)
+            for start in range(0, len(imgs), batch_size):
+                yield imgs[start:start + batch_size], labels[start:start + batch_size]
+
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+
+
+def _resolve_checkpoint(spec: str, options: dict) -> Resolved | None:
+    path = Path(spec)
+    if path.suffix not in CHECKPOINT_SUFFIXES or not path.is_file():
+        return None
+    src = CheckpointSource(path, options.get("num"), seed=options.get("seed") or 0,
+                           batch_size=options.get("batch_size") or 64, steps=options.get("sample_steps"),
+                           sampler=options.get("sampler") or "ddpm", device=options.get("device"))
+    return Resolved(spec, "images", images=src)
+
+
+def _resolve_data(spec: str, options: dict) -> Resolved | None:
     return Resolved(spec, "images", images=load_source(spec))
 
 
-RESOLVERS: list[Resolver] = [_resolve_npz, _resolve_data]
+RESOLVERS: list[Resolver] = [_resolve_npz, _resolve_checkpoint, _resolve_data]
 
 
 def register_resolver(fn: Resolver, first: bool = True) -> None:
-    """Add a resolver: ``fn(spec) -> Resolved`` or None when the spec is not its kind."""
+    """Add a resolver: ``fn(spec, options) -> Resolved`` or None when the spec is not its kind."""
     RESOLVERS.insert(0 if first else len(RESOLVERS) - 1, fn)
 
 
-def resolve(spec: str | os.PathLike) -> Resolved:
+def resolve(spec: str | os.PathLike, **options) -> Resolved:
     """Resolve ``spec`` with the registered resolvers; errors name the spec."""
     spec = str(spec)
     for fn in RESOLVERS:
-        out = fn(spec)
+        out = fn(spec, options)
         if out is not None:
             return out
     raise DataError(f"{spec}: no resolver accepts this source")
@@ -175,13 +245,15 @@ def measure(res: Resolved, extractor_fn: Callable[[], object], *, mode: str, nee
 
 def source_statistics(spec: str, out: str | os.PathLike, *, mode: str = "legacy-tf", weights: str | None = None,
                       num: int | None = None, seed: int | None = None, batch_size: int = 64, sfid: bool = False,
-                      save_features: bool = False, progress: bool = True, device: str | None = None) -> FeatureStats:
+                      save_features: bool = False, progress: bool = True, device: str | None = None,
+                      sample_steps: int | None = None, sampler: str = "ddpm") -> FeatureStats:
     """Compute the statistics of ``spec`` and write them to ``out`` (atomically): ``mu``, ``sigma``,
     ``count``, ``mode``, ``weights_sha256``, ``fingerprint`` and ``source``; ``mu_s``/``sigma_s``
     with ``sfid``; the ``pool`` (and ``spatial``) features with ``save_features``."""
     from iddpm_eval.stats import save_stats
 
-    res = resolve(spec)
+    res = resolve(spec, num=num, seed=seed, batch_size=batch_size, sample_steps=sample_steps, sampler=sampler,
+                  device=device)
     m = measure(res, lambda: make_extractor(mode, weights, batch_size, sfid, device), mode=mode,
                 need_features=save_features, need_spatial=sfid, num=num, seed=seed, batch_size=batch_size,
                 progress=progress)

@@ -163,7 +163,7 @@ def test_bad_inputs_clear_errors_no_output(tmp_path, fake):
     np.savez(tmp_path / "nan.npz", arr_0=np.full((4, 8, 8, 3), np.nan, np.float32))
     np.savez(tmp_path / "shape.npz", arr_0=np.zeros((4, 8, 8), np.float64))
     np.savez(tmp_path / "stats8.npz", mu=np.zeros(8), sigma=np.eye(8))
-    np.savez(tmp_path / "statsnan.npz", mu=np.full(24, np.nan), sigma=np.eye(24))
+    np.savez(tmp_path / "statsnan.npz", mu=np.full(12, np.nan), sigma=np.eye(12))
     cases = [(tmp_path / "empty", "no images"), (bad_img, "0001.png"), (mixed, "different sizes"),
              (tmp_path / "nan.npz", "uint8"), (tmp_path / "shape.npz", "uint8"),
              (tmp_path / "stats8.npz", "8-dimensional"), (tmp_path / "statsnan.npz", "NaN"),
@@ -187,7 +187,7 @@ def test_mode_mismatch_refused(tmp_path, fake):
     r = _run("fid", tmp_path / "ref.npz", tmp_path / "a.npz", ok=False)
     assert "mode 'clean'" in r.output
     assert json.loads(_run("fid", tmp_path / "ref.npz", tmp_path / "a.npz", "--mode", "clean", "--json").stdout)["fid"] \
-        == pytest.approx(0, abs=1e-4)  # 6 images, 24 dims: singular sqrtm, round-off ~1e-6
+        == pytest.approx(0, abs=1e-4)  # 6 images, 12 dims: singular sqrtm, round-off ~1e-6
 
 
 def test_adm_reference_batch_uses_stored_stats(tmp_path, fake):
@@ -202,3 +202,86 @@ def test_adm_reference_batch_uses_stored_stats(tmp_path, fake):
     assert stored["a_kind"] == "stats" and recomputed["a_kind"] == "images"
     assert recomputed["fid"] == pytest.approx(_expected_fid(a, b), rel=1e-9)
     assert stored["fid"] != pytest.approx(recomputed["fid"], rel=1e-3)
+
+
+# ----------------------------------------------------------------------------- peers, real weights
+
+@pytest.fixture(scope="module")
+def two_folders(tmp_path_factory):
+    """Two sets of 24 RGB 16x16 PNGs: smooth blobs, and the same blobs with noise and a shift."""
+    root = tmp_path_factory.mktemp("peer_images")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:16, 0:16]
+    blobs = []
+    for _ in range(24):
+        cy, cx, r = rng.uniform(3, 13), rng.uniform(3, 13), rng.uniform(2, 6)
+        color = rng.integers(40, 256, 3)
+        mask = ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r)[..., None]
+        blobs.append(np.where(mask, color, 20).astype(np.uint8))
+    a = np.stack(blobs)
+    b = np.clip(a.astype(int) + rng.integers(-50, 50, a.shape) + 15, 0, 255).astype(np.uint8)
+    return _folder(root / "a", a), _folder(root / "b", b), root
+
+
+@pytest.mark.slow
+def test_legacy_tf_fid_equals_torch_fidelity(two_folders):
+    import peers
+    import torch_fidelity
+
+    from iddpm_eval.fid import compare
+
+    dir_a, dir_b, root = two_folders
+    ours = compare(str(dir_a), str(dir_b), mode="legacy-tf", batch_size=8, progress=False)
+    theirs = torch_fidelity.calculate_metrics(input1=str(dir_b), input2=str(dir_a), fid=True,
+                                              **peers.torch_fidelity_kwargs(root))
+    assert ours["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-3)
+    from iddpm_eval.weights import file_sha256
+
+    assert ours["n_a"] == ours["n_b"] == 24 and ours["weights_sha256"] == file_sha256(peers.nvidia_weights())
+
+
+@pytest.mark.slow
+def test_clean_fid_equals_cleanfid(two_folders):
+    import peers
+    import torch
+    from cleanfid import fid as cleanfid
+
+    from iddpm_eval.fid import compare
+
+    dir_a, dir_b, root = two_folders
+    ours = compare(str(dir_a), str(dir_b), mode="clean", batch_size=8, progress=False)
+    with peers.cleanfid_offline(root / "cleanfid"):
+        theirs = cleanfid.compute_fid(str(dir_a), str(dir_b), mode="clean", num_workers=0, batch_size=8,
+                                      device=torch.device("cpu"), verbose=False, use_dataparallel=False)
+    assert ours["mode"] == "clean"
+    assert ours["fid"] == pytest.approx(theirs, rel=1e-3)
+
+
+def test_checkpoint_source_samples_like_sample_images(tmp_path, fake):
+    from iddpm_core.config import RunConfig, TrainConfig
+    from iddpm_core.diffusion import DiffusionConfig
+    from iddpm_core.models import ModelConfig
+    from iddpm_core.sample import sample_images
+    from iddpm_core.train import train
+
+    rc = RunConfig(model=ModelConfig(image_size=8, in_channels=1, base_channels=16, channel_mult=(1, 2),
+                                     attention_resolutions=()),
+                   diffusion=DiffusionConfig(steps=20),
+                   train=TrainConfig(batch_size=4, steps=1, lr=1e-2, ema_rates=(0.5,), sample_interval=0,
+                                     save_interval=0, sample_num=2, sample_steps="2", log_interval=1))
+    train(rc, tmp_path / "run", progress=False)
+    ckpt = tmp_path / "run" / "checkpoints" / "latest.pt"
+    b = _images(6, 18, c=1)  # --num 6 applies to both sources: all of B
+    np.savez(tmp_path / "b.npz", b)
+    out = json.loads(_run("fid", ckpt, tmp_path / "b.npz", "--num", "6", "--sample-steps", "3", "--seed", "2",
+                          "--batch-size", "4", "--json", "--no-progress").stdout)
+    imgs = sample_images(ckpt, 6, steps=3, seed=2, batch_size=4, progress=False)
+    ref = json.loads(_run("fid", tmp_path / "b.npz", tmp_path / "b.npz", "--json").stdout)  # sanity: 0 for same
+    assert abs(ref["fid"]) < 1e-3
+    fa = FakeExtractor()(imgs)["pool"]
+    fb = FakeExtractor()(b)["pool"]
+    ma, sa = S.stats_from_features(fa)
+    mb, sb = S.stats_from_features(fb)
+    assert out["n_a"] == 6 and out["fid"] == pytest.approx(frechet_distance(ma, sa, mb, sb), rel=1e-6)
+    r = _run("fid", ckpt, tmp_path / "b.npz", ok=False)
+    assert "needs --num" in r.output

@@ -20,7 +20,7 @@ def _feats(n, d, seed=0, shift=0.0):
 class FakeExtractor:
     """Same interface as iddpm_eval.features.FeatureExtractor; cheap deterministic features."""
 
-    mode, weights_sha256, dims = "legacy-tf", "f" * 64, 24
+    mode, weights_sha256, dims = "legacy-tf", "f" * 64, 12  # fewer dims than most test sets: full-rank covariances
 
     def __init__(self, spatial=False):
         self.spatial, self.calls = spatial, []

@@ -29,6 +29,10 @@ def source_options(f):
         click.option("--save-features", type=click.Path(file_okay=False), default=None,
                      help="Folder receiving a.npz / b.npz (statistics + features) to reuse as sources."),
         click.option("--no-progress", is_flag=True, help="Hide progress bars."),
+        click.option("--sample-steps", type=click.IntRange(min=1), default=None,
+                     help="Checkpoint sources: sampling steps (respaced; default the full chain)."),
+        click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm", show_default=True,
+                     help="Checkpoint sources: sampler."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -74,12 +78,13 @@ def run_compare(a, b, *, as_json, results, experiment, no_progress, **kw) -> dic
 @click.option("--pr", is_flag=True, help="Also precision/recall/density/coverage, A as the reference (real) set.")
 @click.option("--k", type=click.IntRange(min=1), default=3, show_default=True, help="Neighbours for --pr.")
 def fid(a, b, mode, num, batch_size, seed, weights, device, as_json, results, experiment, save_features,
-        no_progress, bootstrap, kid, kid_subsets, kid_subset_size, sfid, pr, k):
+        no_progress, sample_steps, sampler, bootstrap, kid, kid_subsets, kid_subset_size, sfid, pr, k):
     """FID between A and B: each a folder of images, an .npz batch, a statistics or features .npz,
-    or a dataset (fashion-mnist:train, fashion-mnist:test, digits, cifar10:SPLIT:FOLDER)."""
+    a dataset (fashion-mnist:train, fashion-mnist:test, digits, cifar10:SPLIT:FOLDER) or a trainer
+    checkpoint (.pt; --num images sampled on the fly with --sample-steps, --sampler, --seed)."""
     out = run_compare(a, b, as_json=as_json, results=results, experiment=experiment, no_progress=no_progress,
                       mode=mode, num=num, batch_size=batch_size, seed=seed, weights=weights, device=device,
-                      save_features=save_features, bootstrap=bootstrap, kid=kid, kid_subsets=kid_subsets,
+                      save_features=save_features, sample_steps=sample_steps, sampler=sampler, bootstrap=bootstrap, kid=kid, kid_subsets=kid_subsets,
                       kid_subset_size=kid_subset_size, sfid=sfid, pr=pr, k=k)
     if results:
         append_rows(results, out, [("fid", "fid", "fid_ci_low", "fid_ci_high"), ("kid", "kid_mean", None, None),

@@ -17,12 +17,12 @@ from iddpm_eval.cli.fid import append_rows, run_compare, source_options
 @click.option("--fid/--no-fid", "with_fid", default=True, show_default=True,
               help="Also report FID from the same features.")
 def recall(a, b, mode, num, batch_size, seed, weights, device, as_json, results, experiment, save_features,
-           no_progress, k, with_fid):
+           no_progress, sample_steps, sampler, k, with_fid):
     """Precision/recall/density/coverage of B (generated) against A (reference, real), k-NN balls on
     Inception pool features. Sources as for `iddpm-eval fid`."""
     out = run_compare(a, b, as_json=as_json, results=results, experiment=experiment, no_progress=no_progress,
                       mode=mode, num=num, batch_size=batch_size, seed=seed, weights=weights, device=device,
-                      save_features=save_features, pr=True, k=k)
+                      save_features=save_features, sample_steps=sample_steps, sampler=sampler, pr=True, k=k)
     if not with_fid:
         out.pop("fid")
     if results:

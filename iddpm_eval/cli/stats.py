@@ -23,7 +23,10 @@ MODES = ("legacy-tf", "clean")  # iddpm_eval.preprocess.MODES, without importing
 @click.option("--device", default=None)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @click.option("--no-progress", is_flag=True)
-def stats(source, output, mode, num, seed, batch_size, sfid, save_features, weights, device, as_json, no_progress):
+@click.option("--sample-steps", type=click.IntRange(min=1), default=None, help="Checkpoint sources: sampling steps.")
+@click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm", show_default=True)
+def stats(source, output, mode, num, seed, batch_size, sfid, save_features, weights, device, as_json, no_progress,
+          sample_steps, sampler):
     """Write mu, sigma, count, mode, weights sha256 and a fingerprint of SOURCE's images to OUTPUT.
     SOURCE is anything `iddpm-eval fid` accepts (an ADM batch's stored mu/sigma are reused)."""
     from iddpm_core import __version__
@@ -33,7 +36,7 @@ def stats(source, output, mode, num, seed, batch_size, sfid, save_features, weig
     try:
         st = source_statistics(source, output, mode=mode, weights=weights, num=num, seed=seed,
                                batch_size=batch_size, sfid=sfid, save_features=save_features,
-                               progress=not no_progress, device=device)
+                               progress=not no_progress, device=device, sample_steps=sample_steps, sampler=sampler)
     except (DataError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     summary = dict(output=output, source=source, n=st.count, dims=int(st.mu.shape[0]), mode=st.mode,
