@@ -255,3 +255,33 @@ def test_loss_goes_down_on_digits(tmp_path):
     mse = [float(r["mse"]) for r in read_csv(tmp_path / "metrics.csv")]
     assert len(mse) == 10
     assert np.mean(mse[-3:]) < 0.6 * mse[0], mse
+
+
+def test_flip_mirrors_about_half_the_examples(tmp_path, monkeypatch):
+    from iddpm_core.diffusion import GaussianDiffusion
+    from iddpm_core.io import save_npz
+
+    image = np.zeros((1, 8, 8, 1), np.uint8)
+    image[0, :, :3] = 255  # bright left columns: a mirrored copy is bright on the right
+    save_npz(tmp_path / "one.npz", arr_0=image)
+    seen = []
+    real = GaussianDiffusion.training_losses
+
+    def recording(self, model, x_start, t, *args, **kwargs):
+        seen.append(x_start.detach().clone())
+        return real(self, model, x_start, t, *args, **kwargs)
+
+    monkeypatch.setattr(GaussianDiffusion, "training_losses", recording)
+    for flip in (False, True):
+        seen.clear()
+        train(tiny(steps=2, batch_size=16, data=str(tmp_path / "one.npz"), flip=flip), tmp_path / f"f{flip}",
+              progress=False)
+        x = torch.cat(seen)
+        original = torch.from_numpy(image).permute(0, 3, 1, 2).float() / 127.5 - 1
+        same = (x == original).flatten(1).all(1)
+        mirrored = (x == original.flip(-1)).flatten(1).all(1)
+        assert bool((same | mirrored).all())
+        if flip:
+            assert 8 <= int(mirrored.sum()) <= 24  # 32 fair coin flips
+        else:
+            assert int(mirrored.sum()) == 0
