@@ -6,6 +6,13 @@ which follow the TF graph's scopes, so ``load_state_dict`` takes the tensors of
 scaled by (x - 128) / 128. Every convolution is conv (no bias) -> batch norm without scale
 (eps 0.001) -> ReLU; :meth:`FIDInception.fold` merges the norm into the convolution.
 
+Speed on the CPU (see ``benchmarks/fid_features.py``): folded norms, channels-last memory, and
+each convolution + bias + ReLU run as one oneDNN primitive (``mkldnn._convolution_pointwise``, the
+op ``torch.compile`` emits on CPU) on a weight reordered once into oneDNN's blocked layout. All of
+it is eager code: no TorchScript and no compilation step at run time. Without oneDNN (or on a
+GPU) the same folded weights run through ``conv2d`` + in-place ReLU. The fused path carries no
+gradients (features are computed under ``torch.inference_mode``).
+
 TF quirks kept: average pools do not count padding; the last block (``mixed_10``) pools its
 fourth branch with a max pool instead of an average pool.
 
@@ -58,6 +65,7 @@ class ConvBN(nn.Module):
         self.register_buffer("var", torch.ones(cout))
         self.folded = False
         self._packed = None  # oneDNN copy of the folded weight, made at the first CPU call
+        self._packed_for = 0
 
     def _apply(self, fn, recurse=True):
         self._packed = None  # moved or cast: repack from the (new) weight on the next call
@@ -83,10 +91,12 @@ class ConvBN(nn.Module):
             if _FUSED is not None and x.device.type == "cpu" and x.dtype == torch.float32:
                 # one oneDNN primitive: convolution + bias + ReLU (no second pass over memory), with the
                 # weight reordered once into oneDNN's blocked layout instead of at every call
-                if self._packed is None:
+                # (oneDNN picks the blocked layout for an input shape: pack for the largest batch seen)
+                if self._packed is None or x.shape[0] > self._packed_for:
                     self._packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
                         self.weight.to_mkldnn(), list(self.padding), [self.stride, self.stride], [1, 1], 1,
                         list(x.shape))
+                    self._packed_for = x.shape[0]
                 return _FUSED(x, self._packed, self.beta, list(self.padding), [self.stride, self.stride],
                               [1, 1], 1, "relu", [None], "")
             return F.conv2d(x, self.weight, self.beta, self.stride, self.padding).relu_()

@@ -53,23 +53,31 @@ def _tf_axis(in_size: int, out_size: int):
     return lo, hi, src - lo.float()
 
 
+def _one_hot(index: torch.Tensor, in_size: int) -> torch.Tensor:
+    """(in_size, len(index)) matrix picking ``index``: a gather as a matmul, exact (one 1.0 per column)."""
+    mat = torch.zeros(in_size, len(index), dtype=torch.float32)
+    mat[index, torch.arange(len(index))] = 1.0
+    return mat
+
+
 def tf_bilinear_resize(x: torch.Tensor, size: int = SIZE) -> torch.Tensor:
-    """TF1 ``resize_bilinear(align_corners=False)`` of a float NHWC tensor to ``size`` x ``size``."""
+    """TF1 ``resize_bilinear(align_corners=False)`` of a float NHWC tensor to ``size`` x ``size``.
+
+    Returns (N, size, C, size) memory seen as NHWC ``(N, size, size, C)``. Each input row is
+    interpolated along x once (gathers as exact one-hot matmuls), then the rows are gathered and
+    blended along y: per element the same operations, in the same order, as TF's kernel.
+    """
     n, h, w, c = x.shape
     if h == size and w == size:
         return x
     ylo, yhi, dy = _tf_axis(h, size)
     xlo, xhi, dx = _tf_axis(w, size)
-    dx = dx.view(1, 1, size, 1)
-
-    def along_x(rows: torch.Tensor) -> torch.Tensor:
-        left = rows.index_select(2, xlo)
-        right = rows.index_select(2, xhi)
-        return left + (right - left) * dx
-
-    top = along_x(x.index_select(1, ylo))
-    bottom = along_x(x.index_select(1, yhi))
-    return top + (bottom - top) * dy.view(1, size, 1, 1)
+    rows = x.permute(0, 1, 3, 2)  # (N, H, C, W) view
+    left, right = rows @ _one_hot(xlo, w), rows @ _one_hot(xhi, w)  # (N, H, C, size)
+    along_x = left + (right - left) * dx
+    top, bottom = along_x.index_select(1, ylo), along_x.index_select(1, yhi)  # (N, size, C, size)
+    out = top + (bottom - top) * dy.view(1, size, 1, 1)
+    return out.permute(0, 1, 3, 2)
 
 
 def pil_bicubic_resize(image: np.ndarray, size: int = SIZE) -> np.ndarray:

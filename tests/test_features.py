@@ -65,6 +65,31 @@ def test_module_equals_torchscript_on_random_inputs(torchscript):
     assert rel_err(fast, ref) < 1e-5
 
 
+@pytest.mark.parametrize("kernel,stride,padding", [(1, 1, 0), ((1, 7), 1, (0, 3)), (3, 2, 0)])
+def test_fused_packed_conv_equals_plain_conv_bn_relu(kernel, stride, padding, monkeypatch):
+    import iddpm_eval.inception as inc
+
+    torch.manual_seed(5)
+    ref = ConvBN(16, 24, kernel, stride=stride, padding=padding)
+    ref.weight.normal_()
+    ref.beta.normal_()
+    ref.mean.normal_()
+    ref.var.uniform_(0.5, 2.0)
+    fast = ConvBN(16, 24, kernel, stride=stride, padding=padding)
+    fast.load_state_dict(ref.state_dict())
+    fast.fold()
+    for n in (2, 5, 1):  # first call packs, a larger batch repacks, a smaller one reuses
+        x = torch.randn(n, 16, 17, 17).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            expected = ref(x)
+            got = fast(x)
+            monkeypatch.setattr(inc, "_FUSED", None)
+            unfused = fast(x)
+            monkeypatch.undo()
+        assert got.shape == expected.shape and rel_err(got, expected) < 2e-6  # float rounding of the fold
+        assert rel_err(unfused, expected) < 2e-6
+
+
 def test_sfid_features_are_mixed_6_conv_after_relu(torchscript, legacy_out, images):
     layers = torchscript.net.layers
     x = preprocess(images[:2], "legacy-tf").contiguous()
