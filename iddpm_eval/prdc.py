@@ -110,10 +110,11 @@ def _mean(x: torch.Tensor, block_size: int, name: str) -> torch.Tensor:
     return s / x.shape[0]
 
 
-def _sq32(a: torch.Tensor, na: torch.Tensor, b: torch.Tensor, nb: torch.Tensor) -> torch.Tensor:
-    """float32 squared distances na + nb - 2 a b^T of a row block against a column block. The
-    product starts from zero (plain mm: the dot-product error bound holds); -2 is exact."""
-    d2 = torch.mm(a * -2.0, b.T)
+def _sq32(a2: torch.Tensor, na: torch.Tensor, b: torch.Tensor, nb: torch.Tensor) -> torch.Tensor:
+    """float32 squared distances na + nb - 2 a b^T of a row block against a column block, given
+    a2 = -2 a (exact in float32). The product starts from zero (plain mm: the dot-product error
+    bound holds)."""
+    d2 = torch.mm(a2, b.T)
     return d2.add_(nb.to(torch.float32).unsqueeze(0)).add_(na.to(torch.float32).unsqueeze(1))
 
 
@@ -179,9 +180,10 @@ def _knn_sq(cen: "_Centring", k: int, block_size: int, bar) -> torch.Tensor:
     idx = torch.zeros((n, m), dtype=torch.int64, device=dev)
     for bi, (a0, a1) in enumerate(blocks):  # upper triangle of tiles; each tile serves both sides
         xa, na = cen.rows(slice(a0, a1)), n2[a0:a1]
+        xa2 = xa * -2.0
         for b0, b1 in blocks[bi:]:
             xb, nb = (xa, na) if b0 == a0 else (cen.rows(slice(b0, b1)), n2[b0:b1])
-            d2 = _sq32(xa, na, xb, nb)
+            d2 = _sq32(xa2, na, xb, nb)
             if b0 == a0:
                 d2.fill_diagonal_(math.inf)
             _merge(vals, idx, slice(a0, a1), d2, 1, b0, m)
@@ -225,11 +227,11 @@ def _rescan(cen: _Centring, rows, rad2, k, tau, block_size):
     n = x.shape[0]
     for r0 in range(0, rows.numel(), block_size):
         rr = rows[r0:r0 + block_size]
-        xa, na = cen.rows(rr), n2[rr]
+        xa2, na = cen.rows(rr).mul_(-2.0), n2[rr]
         upper = rad2[rr]
         pi, pj = [], []
         for b0, b1 in _blocks(n, block_size):
-            d2 = _sq32(xa, na, cen.rows(slice(b0, b1)), n2[b0:b1]).to(torch.float64)
+            d2 = _sq32(xa2, na, cen.rows(slice(b0, b1)), n2[b0:b1]).to(torch.float64)
             keep = d2 - tau * (na.unsqueeze(1) + n2[b0:b1].unsqueeze(0)) <= upper.unsqueeze(1)
             i, j = torch.nonzero(keep, as_tuple=True)
             j = j + b0
@@ -314,11 +316,11 @@ def compute_prdc(real, fake, k: int = 3, block_size: int = 4096, device=None, pr
         fake_blocks = [float(cf.n2[f0:f1].max()) for f0, f1 in bf]  # for per-block tolerances
         chunk = max(1, (1 << 23) // block_size)  # rows per chunk: index lists stay O(block^2)
         for a0, a1 in br:
-            xa, na = cr.rows(slice(a0, a1)), cr.n2[a0:a1]
+            xa2, na = cr.rows(slice(a0, a1)).mul_(-2.0), cr.n2[a0:a1]
             na_max = float(na.max())
             for (f0, f1), nf_max in zip(bf, fake_blocks):
                 xb, nb = cf.rows(slice(f0, f1)), cf.n2[f0:f1]
-                d2 = _sq32(xa, na, xb, nb)
+                d2 = _sq32(xa2, na, xb, nb)
                 t2 = rf2[f0:f1]  # real inside fake ball: d2 <= rf2[column]
                 w2 = tau * (nb + na_max)
                 lo2, hi2 = _down32(t2 - w2).unsqueeze(0), _up32(t2 + w2).unsqueeze(0)
