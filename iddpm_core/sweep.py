@@ -1,0 +1,489 @@
+"""Scaling sweeps: a grid of training runs over model size (width x depth) and training length,
+evaluated at chosen checkpoints into one sweep table.
+
+Layout of a sweep folder ``OUT``::
+
+    OUT/sweep.json              evaluation settings (a rerun must match them; runs may be added)
+    OUT/sweep.csv               the sweep table: one row per run and checkpoint (all runs merged)
+    OUT/runs/<run>/run.json     the run's identity (width, depth, config, config hash)
+    OUT/runs/<run>/rows.csv     the run's evaluated checkpoints (written only by the run's owner)
+    OUT/runs/<run>/log.jsonl    what happened: segments trained and checkpoints evaluated, by whom
+    OUT/runs/<run>/...          the trainer's output (checkpoints/, metrics.csv, tb/, samples/)
+
+A run named ``w<width>_d<depth>`` trains with ``model.base_channels = width`` and
+``model.num_res_blocks = depth`` to each checkpoint step in turn (the trainer resumes exactly,
+so checkpoints along one run equal separate runs of those lengths with the same constant learning
+rate schedule) and, at each, calls ``evaluate(checkpoint_path, run_info) -> dict``; the
+returned numbers (``fid``, ``fid_ci_low``, ``fid_ci_high``, ``nll``, ``nll_stderr``, ...) become
+columns of the row. Without ``evaluate`` only the training columns are filled; a later rerun
+with an evaluator fills the missing evaluations from the kept checkpoints.
+
+Reruns and interruptions. Each row is appended to ``rows.csv`` atomically as soon as its
+checkpoint is evaluated, and ``sweep.csv`` is re-merged from all ``rows.csv`` under a file lock.
+A rerun skips every checkpoint that already has a row, evaluates checkpoints that were trained
+but not evaluated, and resumes training from the run's ``latest.pt``.
+
+Several processes or machines sharing ``OUT``. Runs are independent. Either
+
+* give each worker a share of the grid: ``worker=i, num_workers=n`` takes the runs whose grid
+  index is ``i mod n`` (e.g. ``--worker $SLURM_ARRAY_TASK_ID --workers $SLURM_ARRAY_TASK_COUNT``), or
+* start the same command several times: a worker claims a run with a lock file
+  (``runs/<run>/.lock``, created exclusively) and skips runs another live worker holds.
+
+A lock left by a killed process on the same host is taken over once its process is gone; locks
+from other hosts are only broken with ``break_locks=True``. Each run may itself train under
+``torchrun`` through the trainer, started per run with ``only=[run name]``.
+
+``iddpm_core`` never imports ``iddpm_eval``: the evaluator is passed in (the CLI resolves
+``--eval-hook MODULE:FUNC``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+from iddpm_core.config import RunConfig
+from iddpm_core.io import write_text
+
+# Leading columns of the sweep table, in order (iddpm_eval.scaling reads run, params, train_flops,
+# images_seen, step, fid, nll and their intervals). Extra columns from the evaluator follow, then
+# the provenance columns.
+COLUMNS = ("run", "run_index", "width", "depth", "step", "params", "train_flops", "images_seen", "flops_per_image",
+           "fid", "fid_ci_low", "fid_ci_high", "nll", "nll_stderr")
+TAIL_COLUMNS = ("checkpoint", "config_hash", "config", "eval_settings", "eval_hook", "train_seconds",
+                "eval_seconds", "worker", "time", "git_commit", "command")
+TABLE = "sweep.csv"
+SWEEP_JSON = "sweep.json"
+# Train fields that do not change what a run computes (the trainer lets them change on resume).
+_NOT_IDENTITY = ("steps", "log_interval", "sample_interval", "save_interval", "sample_num", "sample_steps", "device")
+
+Evaluate = Callable[[str, dict], dict]
+
+
+class SweepError(ValueError):
+    """A sweep cannot run as asked; the message names the run, file or flag."""
+
+
+# ----------------------------------------------------------------------------- the grid
+
+@dataclass
+class RunSpec:
+    """One run of the grid: its name, grid index, size and config (``train.steps`` = last checkpoint)."""
+
+    index: int
+    name: str
+    width: int
+    depth: int
+    steps: tuple[int, ...]
+    config: RunConfig
+
+    def identity(self) -> dict:
+        """The config fields that decide what the run computes (not its length or logging)."""
+        d = self.config.to_dict()
+        d["train"] = {k: v for k, v in d["train"].items() if k not in _NOT_IDENTITY}
+        return d
+
+    @property
+    def config_hash(self) -> str:
+        return config_hash(self.identity())
+
+
+def config_hash(obj) -> str:
+    """First 16 hex digits of the sha256 of the canonical JSON of ``obj``."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _positive_ints(values: Sequence[int], what: str) -> tuple[int, ...]:
+    out = []
+    for v in values:
+        if isinstance(v, bool) or int(v) != v or int(v) < 1:
+            raise SweepError(f"{what} must be positive integers, got {list(values)}")
+        out.append(int(v))
+    if not out:
+        raise SweepError(f"{what}: give at least one value")
+    if len(set(out)) != len(out):
+        raise SweepError(f"{what} repeat a value: {list(values)}")
+    return tuple(out)
+
+
+def make_grid(base: RunConfig, widths: Sequence[int], depths: Sequence[int], steps: Sequence[int]) -> list[RunSpec]:
+    """The runs of a widths x depths grid (widths outer), each trained to the checkpoint ``steps``
+    (sorted). ``base`` gives every other setting; each run's model is validated here."""
+    widths = _positive_ints(widths, "widths")
+    depths = _positive_ints(depths, "depths")
+    steps = tuple(sorted(_positive_ints(steps, "steps")))
+    runs = []
+    for w in widths:
+        for d in depths:
+            cfg = copy.deepcopy(base)
+            cfg.model.base_channels = w
+            cfg.model.num_res_blocks = d
+            cfg.train.steps = steps[-1]
+            try:
+                cfg.model.validate()
+            except ValueError as exc:
+                raise SweepError(f"run w{w}_d{d}: {exc}") from exc
+            runs.append(RunSpec(len(runs), f"w{w}_d{d}", w, d, steps, cfg))
+    return runs
+
+
+def worker_share(runs: Sequence[RunSpec], worker: int, num_workers: int) -> list[RunSpec]:
+    """The runs of worker ``worker`` of ``num_workers``: grid indices congruent to it."""
+    if num_workers < 1 or not 0 <= worker < num_workers:
+        raise SweepError(f"worker must lie in [0, workers) with workers >= 1, got worker={worker}, "
+                         f"workers={num_workers}")
+    return [r for r in runs if r.index % num_workers == worker]
+
+
+# ----------------------------------------------------------------------------- small files
+
+def _utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def git_commit() -> str:
+    """Commit of the checkout holding ``iddpm_core`` with ``+dirty`` when its tracked package files
+    differ from it; ``"unknown"`` outside a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args):
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10,
+                                  env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "--verify", "HEAD")
+    if not commit or not git("ls-files", "--", "iddpm_core"):
+        return "unknown"
+    paths = [p for p in ("iddpm_core", "iddpm_eval", "pyproject.toml") if (root / p).exists()]
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", *paths)
+    return commit + ("+dirty" if dirty else "")
+
+
+def _cell(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "" if math.isnan(v) else repr(v)
+    if isinstance(v, (dict, list, tuple)):
+        return json.dumps(v, sort_keys=True, default=str)
+    return str(v)
+
+
+def read_rows(path: str | os.PathLike) -> list[dict]:
+    """Rows of a rows.csv / sweep.csv as dicts of strings ([] when the file is missing)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    try:
+        with open(path, newline="") as fh:
+            return [dict(r) for r in csv.DictReader(fh)]
+    except (OSError, csv.Error, UnicodeDecodeError) as exc:
+        raise SweepError(f"{path}: cannot read the table ({exc})") from exc
+
+
+def _columns(rows: Sequence[dict]) -> list[str]:
+    seen = set(COLUMNS) | set(TAIL_COLUMNS)
+    extra = sorted({k for r in rows for k in r} - seen)
+    return list(COLUMNS) + extra + list(TAIL_COLUMNS)
+
+
+def write_rows(path: str | os.PathLike, rows: Sequence[dict]) -> None:
+    """Write rows as CSV atomically (fixed leading columns, evaluator columns, provenance)."""
+    cols = _columns(rows)
+    from iddpm_core.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=cols, lineterminator="\n")
+            w.writeheader()
+            for r in rows:
+                w.writerow({c: _cell(r.get(c)) for c in cols})
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (flock) on ``path`` for read-merge-write cycles."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def claim(lock: Path, break_locks: bool = False) -> bool:
+    """Create ``lock`` exclusively (holder's host, pid, time inside). If it exists, take it over
+    when its holder is a dead process on this host (or ``break_locks``); else return False."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "time": _utc_now()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            try:
+                held = json.loads(lock.read_text() or "{}")
+            except (OSError, ValueError):
+                held = {}
+            stale = (held.get("host") == me["host"] and isinstance(held.get("pid"), int)
+                     and not _pid_alive(held["pid"]))
+            if held.get("host") == me["host"] and held.get("pid") == me["pid"]:
+                stale = True  # our own leftover (a previous call in this process)
+            if not (stale or break_locks):
+                return False
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(me))
+        return True
+    return False
+
+
+def _log(run_dir: Path, event: dict) -> None:
+    with open(run_dir / "log.jsonl", "a") as fh:
+        fh.write(json.dumps({"time": _utc_now(), "worker": worker_id(), **event}, default=str) + "\n")
+
+
+def read_log(run_dir: str | os.PathLike) -> list[dict]:
+    path = Path(run_dir) / "log.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+@dataclass
+class SweepResult:
+    """What one call of :func:`run_sweep` did."""
+
+    out_dir: str
+    table: str
+    rows: int
+    trained: list[str] = field(default_factory=list)    # "run@step" segments trained in this call
+    evaluated: list[str] = field(default_factory=list)  # "run@step" checkpoints evaluated in this call
+    skipped: list[str] = field(default_factory=list)    # runs already complete
+    busy: list[str] = field(default_factory=list)       # runs held by another worker
+
+
+def _check_sweep_json(out: Path, eval_settings: dict | None) -> None:
+    """Rows of one sweep must share their evaluation settings: the first call with an evaluator
+    records them in ``sweep.json``; later calls with an evaluator must match. Training-only calls
+    (``eval_settings`` None) pass, so a sweep trained without an evaluator can be evaluated later."""
+    path = out / SWEEP_JSON
+    old = None
+    if path.exists():
+        try:
+            old = json.loads(path.read_text()).get("eval")
+        except (ValueError, AttributeError) as exc:
+            raise SweepError(f"{path}: not readable JSON ({exc})") from exc
+    if old is not None and eval_settings is not None:
+        diff = sorted(k for k in set(old) | set(eval_settings) if old.get(k) != eval_settings.get(k))
+        if diff:
+            raise SweepError(f"{path} holds other evaluation settings ({', '.join(diff)} differ: "
+                             f"{ {k: old.get(k) for k in diff} } vs { {k: eval_settings.get(k) for k in diff} }); "
+                             "use the same settings or another --out folder")
+    elif not path.exists() or (old is None and eval_settings is not None):
+        write_text(path, json.dumps({"eval": eval_settings}, indent=2, sort_keys=True) + "\n")
+
+
+def _check_run_json(run_dir: Path, run: RunSpec) -> None:
+    path = run_dir / "run.json"
+    mine = {"name": run.name, "width": run.width, "depth": run.depth, "config_hash": run.config_hash,
+            "identity": run.identity()}
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old.get("config_hash") != mine["config_hash"]:
+            a, b = old.get("identity", {}), mine["identity"]
+            diffs = [f"{s}.{k}" for s in ("model", "diffusion", "train")
+                     for k in sorted(set(a.get(s, {})) | set(b.get(s, {})))
+                     if a.get(s, {}).get(k) != b.get(s, {}).get(k)]
+            raise SweepError(f"{path}: run {run.name} was trained with another config ({', '.join(diffs) or 'hash'} "
+                             "differ); use another --out folder")
+    else:
+        write_text(path, json.dumps(mine, indent=2, sort_keys=True) + "\n")
+
+
+def merge_table(out_dir: str | os.PathLike, copy_to: str | os.PathLike | None = None) -> Path:
+    """Re-merge ``OUT/sweep.csv`` from every ``runs/*/rows.csv`` (ordered by grid index, then step),
+    under a file lock so concurrent workers never drop each other's rows; optionally write the same
+    table to ``copy_to``."""
+    out = Path(out_dir)
+    with _file_lock(out / ".table.lock"):
+        rows = []
+        for f in sorted((out / "runs").glob("*/rows.csv")):
+            rows += read_rows(f)
+        rows.sort(key=lambda r: (int(r.get("run_index") or 0), r.get("run", ""), int(r.get("step") or 0)))
+        write_rows(out / TABLE, rows)
+        if copy_to is not None:
+            write_rows(copy_to, rows)
+    return out / TABLE
+
+
+def _ckpt_path(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"ckpt_{step:06d}.pt"
+
+
+def _train_to(run: RunSpec, run_dir: Path, step: int, progress: bool, train_fn: Callable) -> float:
+    """Train ``run`` to ``step`` (resuming from latest.pt) so that ``ckpt_<step>.pt`` exists."""
+    from iddpm_core.checkpoint import load_checkpoint
+
+    target = _ckpt_path(run_dir, step)
+    latest = run_dir / "checkpoints" / "latest.pt"
+    if latest.exists():
+        done = int(load_checkpoint(latest).get("step", 0))
+        if done > step:
+            raise SweepError(f"run {run.name} is already trained to step {done} but has no checkpoint at step "
+                             f"{step} ({target}); choose checkpoint steps the run saved or use another --out")
+        if done == step:  # trained, periodic copy missing
+            shutil.copyfile(latest, target)
+            return 0.0
+    cfg = copy.deepcopy(run.config)
+    cfg.train.steps = step
+    cfg.train.save_interval = step  # the trainer then writes ckpt_<step>.pt (and latest.pt)
+    t0 = time.time()
+    train_fn(cfg, run_dir, resume="auto", progress=progress)
+    if not target.exists():
+        raise SweepError(f"run {run.name}: the trainer finished but wrote no {target}")
+    return time.time() - t0
+
+
+def _row_done(row: dict, evaluate: Evaluate | None) -> bool:
+    return evaluate is None or bool(row.get("eval_hook"))
+
+
+def run_sweep(out_dir: str | os.PathLike, runs: Sequence[RunSpec], evaluate: Evaluate | None = None, *,
+              eval_settings: dict | None = None, eval_hook: str | None = None, worker: int = 0,
+              num_workers: int = 1, only: Sequence[str] | None = None, command: str | None = None,
+              table_copy: str | os.PathLike | None = None, break_locks: bool = False, progress: bool = True,
+              train_fn: Callable | None = None) -> SweepResult:
+    """Train and evaluate this worker's runs of the grid into ``out_dir`` (see the module docstring).
+
+    ``evaluate(checkpoint_path, run_info) -> dict`` gets ``run_info`` with run, run_index, width,
+    depth, step, params, train_flops, images_seen, run_dir, out_dir, data and ``eval`` (=
+    ``eval_settings``). ``eval_hook`` names it in the table (default: its module:qualname).
+    ``only``: run names to do (others are left alone). ``command`` (the command line) and the git
+    commit are recorded in every row. ``train_fn`` defaults to :func:`iddpm_core.train.train`.
+    """
+    from tqdm.auto import tqdm
+
+    if train_fn is None:
+        from iddpm_core.train import train as train_fn
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    eval_settings = dict(eval_settings or {})
+    if not runs:
+        raise SweepError("the grid has no runs")
+    names = [r.name for r in runs]
+    if only:
+        unknown = sorted(set(only) - set(names))
+        if unknown:
+            raise SweepError(f"--only names runs not in the grid: {unknown}; the grid has {names}")
+    _check_sweep_json(out, eval_settings if evaluate is not None else None)
+    if evaluate is not None and eval_hook is None:
+        eval_hook = f"{getattr(evaluate, '__module__', '?')}:{getattr(evaluate, '__qualname__', repr(evaluate))}"
+    commit = git_commit()
+    res = SweepResult(str(out), str(out / TABLE), 0)
+    mine = [r for r in worker_share(runs, worker, num_workers) if not only or r.name in only]
+    for run in tqdm(mine, desc="sweep runs", disable=not progress):
+        run_dir = out / "runs" / run.name
+        rows_path = run_dir / "rows.csv"
+        rows = {int(r["step"]): r for r in read_rows(rows_path)}
+        if all(s in rows and _row_done(rows[s], evaluate) for s in run.steps):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _check_run_json(run_dir, run)
+            res.skipped.append(run.name)
+            continue
+        lock = run_dir / ".lock"
+        if not claim(lock, break_locks):
+            res.busy.append(run.name)
+            continue
+        try:
+            _check_run_json(run_dir, run)
+            rows = {int(r["step"]): r for r in read_rows(rows_path)}  # reread under the lock
+            for step in run.steps:
+                if step in rows and _row_done(rows[step], evaluate):
+                    continue
+                ckpt = _ckpt_path(run_dir, step)
+                train_seconds = None
+                if not ckpt.exists():
+                    train_seconds = _train_to(run, run_dir, step, progress, train_fn)
+                    _log(run_dir, {"event": "trained", "step": step, "seconds": train_seconds})
+                    res.trained.append(f"{run.name}@{step}")
+                row = _training_row(run, ckpt, step)
+                row.update(train_seconds=train_seconds, config_hash=run.config_hash, config=run.config.to_dict(),
+                           eval_settings=eval_settings, worker=worker_id(), time=_utc_now(), git_commit=commit,
+                           command=command or "")
+                if evaluate is not None:
+                    info = {**row, "run_dir": str(run_dir), "out_dir": str(out), "checkpoint": str(ckpt),
+                            "data": run.config.train.data, "data_root": run.config.train.data_root,
+                            "eval": eval_settings, "progress": progress}
+                    info.pop("config", None)
+                    t0 = time.time()
+                    got = evaluate(str(ckpt), info)
+                    if not isinstance(got, dict):
+                        raise SweepError(f"the evaluator {eval_hook} returned {type(got).__name__}, not a dict")
+                    reserved = set(got) & (set(row) - {"fid", "fid_ci_low", "fid_ci_high", "nll", "nll_stderr"})
+                    if reserved:
+                        raise SweepError(f"the evaluator {eval_hook} returned reserved columns {sorted(reserved)}")
+                    row.update(got)
+                    row.update(eval_hook=eval_hook, eval_seconds=time.time() - t0)
+                    _log(run_dir, {"event": "evaluated", "step": step, "seconds": row["eval_seconds"]})
+                    res.evaluated.append(f"{run.name}@{step}")
+                rows[step] = row
+                write_rows(rows_path, [rows[s] for s in sorted(rows)])
+                merge_table(out, table_copy)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+    table = merge_table(out, table_copy)
+    res.rows = len(read_rows(table))
+    return res
+
+
+def _training_row(run: RunSpec, ckpt: Path, step: int) -> dict:
+    """The training columns of a checkpoint (numbers read from inside it)."""
+    from iddpm_core.checkpoint import load_checkpoint
+
+    c = load_checkpoint(ckpt)
+    if int(c.get("step", -1)) != step:
+        raise SweepError(f"{ckpt}: holds step {c.get('step')}, expected {step}")
+    return {"run": run.name, "run_index": run.index, "width": run.width, "depth": run.depth, "step": step,
+            "params": c.get("num_parameters"), "train_flops": c.get("train_flops"),
+            "images_seen": c.get("images_seen"), "flops_per_image": c.get("flops_per_image"),
+            "checkpoint": os.path.relpath(ckpt, ckpt.parents[3]) if len(ckpt.parents) > 3 else str(ckpt)}

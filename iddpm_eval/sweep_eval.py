@@ -1,0 +1,183 @@
+"""Evaluation of one sweep checkpoint: FID (with a bootstrap interval) and bits/dim, as the columns
+of the sweep table. :func:`evaluate_checkpoint` is the default ``--eval-hook`` of
+``iddpm-train sweep``.
+
+FID. ``fid_num`` images are sampled from the checkpoint's EMA weights with ``fid_steps`` steps of
+``fid_sampler`` (seeded by ``seed``) and compared with ``fid_ref_num`` images of the reference
+data (``fid_ref``, default the training data; the subset is drawn as ``iddpm-eval fid --num N
+--seed S`` draws it). The reference features are computed once per sweep and cached in
+``OUT/eval_cache/``. The interval is a percentile bootstrap over images on both sides
+(``fid_bootstrap`` rounds). With fewer images than feature dimensions (2048) the distance is
+computed in the span of the images (:func:`fid_lowrank`: exact, no 1e-6 regularisation, and
+milliseconds instead of the minute a 2048 x 2048 ``sqrtm`` takes on a busy CPU); column
+``fid_method`` says which form was used. The samples are kept as ``<run>/eval/step_XXXXXX/samples.npz``, so
+``iddpm-eval fid`` can recompute the number.
+
+Bits/dim. :func:`iddpm_eval.nll.evaluate` on the first ``nll_num`` images of ``nll_data``
+(default the training data): the exact bound (``nll_estimate`` 0) or the unbiased estimate from
+K timesteps per image (``nll_estimate`` K); ``nll_stderr`` is the standard error over images
+(which includes the timestep noise of the estimate). Per-image results stay in
+``<run>/eval/step_XXXXXX/nll/``; a rerun reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from iddpm_core.io import save_npz
+
+# Defaults of the settings read from run_info["eval"]; the CLI passes all of them.
+DEFAULTS = {
+    "fid_num": 256, "fid_steps": 25, "fid_sampler": "ddim", "fid_eta": 0.0, "fid_ref": None, "fid_ref_num": None,
+    "fid_bootstrap": 200, "fid_mode": "legacy-tf", "fid_weights": None, "fid_batch_size": 64,
+    "sample_batch_size": 256, "nll_num": 64, "nll_estimate": 16, "nll_data": None, "nll_batch_size": 256,
+    "seed": 0, "device": None,
+}
+
+_EXTRACTORS: dict = {}
+
+
+def settings(run_info: dict) -> dict:
+    """The evaluation settings of ``run_info["eval"]`` with defaults filled in; unknown keys refused."""
+    given = dict(run_info.get("eval") or {})
+    unknown = sorted(set(given) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown sweep evaluation settings {unknown}; known: {sorted(DEFAULTS)}")
+    s = {**DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
+    s["fid_ref"] = s["fid_ref"] or run_info.get("data")
+    s["nll_data"] = s["nll_data"] or run_info.get("data")
+    for k in ("fid_num", "nll_num"):
+        if int(s[k]) < 0:
+            raise ValueError(f"{k} must be >= 0 (0 = skip), got {s[k]}")
+    if s["fid_num"] == 1:
+        raise ValueError("fid_num must be 0 (skip) or at least 2 (a covariance needs 2 images)")
+    return s
+
+
+def _extractor(mode: str, weights: str | None, batch_size: int, device: str | None):
+    from iddpm_eval.sources import make_extractor
+
+    key = (mode, weights, batch_size, device)
+    if key not in _EXTRACTORS:
+        _EXTRACTORS[key] = make_extractor(mode, weights, batch_size, False, device)
+    return _EXTRACTORS[key]
+
+
+def reference_features(spec: str, num: int | None, seed: int, extractor, cache_dir: Path,
+                       progress: bool = False) -> np.ndarray:
+    """Inception pool features of the reference images (subset ``num`` drawn with ``seed``), cached
+    in ``cache_dir`` under a name that hashes the source, subset, mode and weights."""
+    from iddpm_eval import sources
+    from iddpm_eval.stats import FeatureStats, load_features, save_stats
+
+    key = json.dumps([str(spec), num, seed, extractor.mode, extractor.weights_sha256])
+    path = Path(cache_dir) / f"ref_{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+    if path.exists():
+        return load_features(path).pool
+    res = sources.resolve(spec)
+    m = sources.measure(res, lambda: extractor, mode=extractor.mode, need_features=True, num=num, seed=seed,
+                        progress=progress)
+    st = FeatureStats(m.stats.mu, m.stats.sigma, count=m.n, mode=m.mode, weights_sha256=m.weights_sha256,
+                      fingerprint=m.fingerprint, source=str(spec))
+    save_stats(path, st, features=m.pool)
+    return m.pool
+
+
+def fid_lowrank(feats1: np.ndarray, feats2: np.ndarray) -> float:
+    """FID of two feature sets in the space of the images, exact and fast when N < feature dims:
+    with centred features A1 (n1 x d), A2 and c = (n1 - 1)(n2 - 1), S_i = A_i^T A_i / (n_i - 1), the
+    non-zero eigenvalues of S1 S2 are those of M M^T / c with M = A1 A2^T, so
+    tr sqrt(S1 S2) = (sum of the singular values of M) / sqrt(c). Used for the bootstrap rounds;
+    equals the sqrtm / eigenvalue forms without their 1e-6 regularisation."""
+    a1 = np.asarray(feats1, np.float64)
+    a2 = np.asarray(feats2, np.float64)
+    mu1, mu2 = a1.mean(0), a2.mean(0)
+    a1, a2 = a1 - mu1, a2 - mu2
+    n1, n2 = len(a1), len(a2)
+    tr1, tr2 = (a1 * a1).sum() / (n1 - 1), (a2 * a2).sum() / (n2 - 1)
+    nuclear = np.linalg.svd(a1 @ a2.T, compute_uv=False).sum() / np.sqrt((n1 - 1) * (n2 - 1))
+    diff = mu1 - mu2
+    return float(diff @ diff + tr1 + tr2 - 2 * nuclear)
+
+
+def bootstrap_interval(gen: np.ndarray, ref: np.ndarray, rounds: int, seed: int, level: float = 0.95
+                       ) -> tuple[float, float]:
+    """Percentile interval of FID over ``rounds`` resamples of the images on both sides (as
+    :func:`iddpm_eval.fid.bootstrap_fid` resamples them), each computed by :func:`fid_lowrank`."""
+    rng = np.random.default_rng(seed)
+    vals = np.empty(rounds)
+    for r in range(rounds):
+        vals[r] = fid_lowrank(gen[rng.integers(0, len(gen), len(gen))], ref[rng.integers(0, len(ref), len(ref))])
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(vals, [alpha, 1 - alpha])
+    return float(lo), float(hi)
+
+
+def fid_of_checkpoint(checkpoint: str, s: dict, out_dir: Path, cache_dir: Path, progress: bool = False) -> dict:
+    """Sample, extract features, FID against the cached reference, bootstrap interval."""
+    from iddpm_core.sample import sample_images
+    from iddpm_eval.fid import fid_from_features
+
+    fx = _extractor(s["fid_mode"], s["fid_weights"], int(s["fid_batch_size"]), s["device"])
+    ref = reference_features(s["fid_ref"], s["fid_ref_num"], int(s["seed"]), fx, cache_dir, progress)
+    t0 = time.time()
+    images = sample_images(checkpoint, int(s["fid_num"]), int(s["fid_steps"]), sampler=s["fid_sampler"],
+                           eta=float(s["fid_eta"]), seed=int(s["seed"]), batch_size=int(s["sample_batch_size"]),
+                           progress=progress, device=s["device"])
+    sample_seconds = time.time() - t0
+    save_npz(out_dir / "samples.npz", arr_0=images)
+    t0 = time.time()
+    gen = fx(images)["pool"]
+    feature_seconds = time.time() - t0
+    lowrank = max(len(gen), len(ref)) < gen.shape[1]
+    out = {"fid": fid_lowrank(gen, ref) if lowrank else fid_from_features(gen, ref),
+           "fid_method": "lowrank" if lowrank else "sqrtm", "fid_n": len(gen), "fid_ref_n": len(ref),
+           "fid_steps": int(s["fid_steps"]), "fid_sampler": s["fid_sampler"], "fid_mode": fx.mode,
+           "fid_ref": str(s["fid_ref"]), "weights_sha256": fx.weights_sha256,
+           "sample_seconds": sample_seconds, "feature_seconds": feature_seconds}
+    rounds = int(s["fid_bootstrap"])
+    if rounds:
+        lo, hi = (bootstrap_interval(gen, ref, rounds, int(s["seed"])) if lowrank
+                  else _bootstrap_full(gen, ref, rounds, int(s["seed"])))
+        out.update(fid_ci_low=lo, fid_ci_high=hi, fid_bootstrap=rounds)
+    return out
+
+
+def _bootstrap_full(gen, ref, rounds, seed):
+    from iddpm_eval.fid import bootstrap_fid
+
+    bs = bootstrap_fid(gen, ref, rounds, seed=seed)
+    return bs["low"], bs["high"]
+
+
+def nll_of_checkpoint(checkpoint: str, s: dict, out_dir: Path, progress: bool = False) -> dict:
+    """Bits/dim of the first ``nll_num`` images (exact bound or the K-timestep estimate)."""
+    from iddpm_eval import nll
+
+    k = int(s["nll_estimate"]) or None
+    r = nll.evaluate(checkpoint, s["nll_data"], out_dir=out_dir, num=int(s["nll_num"]),
+                     batch_size=int(s["nll_batch_size"]), seed=int(s["seed"]), estimate=k, device=s["device"],
+                     progress=progress)
+    return {"nll": r["bpd"], "nll_stderr": r["bpd_stderr"], "nll_n": r["n"], "nll_T": r["T"],
+            "nll_method": f"estimate{k}" if k else "exact", "nll_data": str(s["nll_data"]), "nll_seconds": r["seconds"]}
+
+
+def evaluate_checkpoint(checkpoint: str, run_info: dict) -> dict:
+    """FID and bits/dim columns for one checkpoint of a sweep (settings in ``run_info["eval"]``;
+    ``fid_num`` or ``nll_num`` 0 skips that metric)."""
+    s = settings(run_info)
+    progress = bool(run_info.get("progress", False))
+    step = int(run_info["step"])
+    out_dir = Path(run_info["run_dir"]) / "eval" / f"step_{step:06d}"
+    cache_dir = Path(run_info["out_dir"]) / "eval_cache"
+    row: dict = {}
+    if int(s["fid_num"]):
+        row.update(fid_of_checkpoint(checkpoint, s, out_dir, cache_dir, progress))
+    if int(s["nll_num"]):
+        row.update(nll_of_checkpoint(checkpoint, s, out_dir / "nll", progress))
+    return row
