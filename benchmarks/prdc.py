@@ -2,6 +2,8 @@
 prc (full matrices) and the prdc package, on the same 10,000 x 10,000 x 2048 float32 features, in
 one run. Each method runs in its own subprocess so that its peak resident memory (ru_maxrss) is its
 own; "extra" memory is the peak minus the resident size right after the features were loaded.
+The comparison runs with the libraries' default threads and again capped at one thread
+(OMP/MKL/OpenBLAS), which is less sensitive to a busy machine.
 
 Also measured: this project at 20,000 x 20,000 with 64-d features (same block size; --n-big 50000
 for the full size, slow at low dimension), to show that
@@ -90,10 +92,36 @@ def worker(method: str, real_path: str, fake_path: str, block_size: int) -> dict
             **{key: float(v) for key, v in r.items() if key in ("precision", "recall", "density", "coverage")}}
 
 
-def run(method: str, real_path: Path, fake_path: Path, block_size: int) -> dict:
+def run(method: str, real_path: Path, fake_path: Path, block_size: int, threads: int = 0) -> dict:
+    """One method in a fresh process; threads > 0 caps torch, OpenMP and BLAS threads (all methods)."""
     cmd = [sys.executable, __file__, "--worker", method, str(real_path), str(fake_path), str(block_size)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+    env = dict(os.environ)
+    if threads:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            env[var] = str(threads)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _comparison_rows(res: dict, args) -> list[dict]:
+    ours, rows = res["iddpm"], []
+    for method, r in res.items():
+        agree = []
+        if method == "torch-fidelity":
+            agree = [abs(r[k] - ours[k]) * args.n < 0.5 for k in ("precision", "recall")]
+        if method == "prdc":
+            agree = [abs(r[k] - ours[k]) < 1e-9 for k in ("precision", "recall", "density", "coverage")]
+        rows.append({"method": method, "n_real": args.n, "n_fake": args.n, "dim": args.dim, "k": K,
+                     "block_size": args.block_size if method == "iddpm" else "",
+                     "seconds": round(r["seconds"], 3),
+                     "time_vs_iddpm": round(r["seconds"] / ours["seconds"], 3),
+                     "peak_rss_mb": round(r["peak_mb"], 1),
+                     "extra_peak_mb": round(r["peak_mb"] - r["base_mb"], 1),
+                     "precision": r.get("precision", ""), "recall": r.get("recall", ""),
+                     "density": r.get("density", ""), "coverage": r.get("coverage", ""),
+                     "agrees_with_iddpm": all(agree) if agree else "", "how": "measured",
+                     "threads": r["threads"]})
+    return rows
 
 
 def main() -> None:
@@ -103,6 +131,8 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=4096)
     ap.add_argument("--n-big", type=int, default=20000, help="points per set for the memory-bound run (0: skip)")
     ap.add_argument("--dim-big", type=int, default=64, help="feature dimension of the memory-bound run")
+    ap.add_argument("--threads", default="0,1",
+                    help="comma list of thread caps for the comparison; 0 = library defaults (all cores)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -119,27 +149,15 @@ def main() -> None:
         rp, fp = Path(tmp) / "real.npy", Path(tmp) / "fake.npy"
         np.save(rp, features(args.n, args.dim, seed=1))
         np.save(fp, features(args.n, args.dim, seed=2, shift=0.1))
-        res = {}
-        for method in ("iddpm", "torch-fidelity", "prdc"):
-            res[method] = run(method, rp, fp, args.block_size)
-            print(method, res[method], flush=True)
-        ours = res["iddpm"]
-        for method, r in res.items():
-            agree = []
-            if method == "torch-fidelity":
-                agree = [abs(r[k] - ours[k]) * args.n < 0.5 for k in ("precision", "recall")]
-            if method == "prdc":
-                agree = [abs(r[k] - ours[k]) < 1e-9 for k in ("precision", "recall", "density", "coverage")]
-            rows.append({"method": method, "n_real": args.n, "n_fake": args.n, "dim": args.dim, "k": K,
-                         "block_size": args.block_size if method == "iddpm" else "",
-                         "seconds": round(r["seconds"], 3),
-                         "time_vs_iddpm": round(r["seconds"] / ours["seconds"], 3),
-                         "peak_rss_mb": round(r["peak_mb"], 1),
-                         "extra_peak_mb": round(r["peak_mb"] - r["base_mb"], 1),
-                         "precision": r.get("precision", ""), "recall": r.get("recall", ""),
-                         "density": r.get("density", ""), "coverage": r.get("coverage", ""),
-                         "agrees_with_iddpm": all(agree) if agree else "", "how": "measured",
-                         "threads": r["threads"]})
+        ours = None  # our default-threads run, for the derived memory row
+        for threads in [int(t) for t in args.threads.split(",")]:
+            res = {}
+            for method in ("iddpm", "torch-fidelity", "prdc"):
+                res[method] = run(method, rp, fp, args.block_size, threads)
+                print(method, threads, res[method], flush=True)
+            rows += _comparison_rows(res, args)
+            if ours is None or threads == 0:
+                ours = res["iddpm"]
         if args.n_big:
             for p in (rp, fp):
                 p.unlink()
