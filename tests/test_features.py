@@ -265,3 +265,44 @@ def test_not_weights_file_is_a_clear_error(tmp_path):
     torch.save({"hello": torch.zeros(1)}, bad)
     with pytest.raises(ValueError, match="bad.pth"):
         W.load_nvidia_state(bad)
+
+
+class _Holder(torch.nn.Module):
+    """Plain container used to rebuild NVIDIA's module tree for a synthetic TorchScript."""
+
+
+class _FullNvidia(torch.nn.Module):
+    """Stand-in for NVIDIA's full ``inception-2015-12-05.pt``: ``layers.*`` tensors and ``output`` (fc)."""
+
+    def __init__(self, state):
+        super().__init__()
+        self.layers = _Holder()
+        for key, val in state.items():
+            *path, leaf = key.split(".")
+            mod = self.layers
+            for part in path:
+                if not isinstance(getattr(mod, part, None), torch.nn.Module):
+                    setattr(mod, part, _Holder())
+                mod = getattr(mod, part)
+            mod.register_buffer(leaf, val)
+        self.output = torch.nn.Linear(2048, 1008)
+
+    def forward(self, x):
+        return self.output(x)
+
+
+def test_full_nvidia_torchscript_with_classifier_exposes_logits(tmp_path, images, legacy_out):
+    state = W.load_nvidia_state(nvidia_weights())
+    full = _FullNvidia(state)
+    torch.nn.init.normal_(full.output.weight, std=0.01)
+    path = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.save(torch.jit.script(full), str(path))
+    loaded = W.load_nvidia_state(path)
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+    assert torch.equal(loaded["fc.weight"], full.output.weight.detach())
+    fx = FeatureExtractor(weights=str(path), progress=False)
+    out = fx(images[:1])
+    assert rel_err(out["pool"], legacy_out["pool"][:1]) < 1e-6
+    expected = out["pool"].astype(np.float64) @ full.output.weight.detach().double().numpy().T
+    assert rel_err(out["logits_unbiased"], expected) < 1e-5
+    assert rel_err(out["logits"], expected + full.output.bias.detach().double().numpy()) < 1e-5
