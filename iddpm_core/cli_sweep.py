@@ -59,6 +59,16 @@ def resolve_hook(spec: str, explicit: bool):
     return fn
 
 
+def command_line() -> str:
+    """This process's command line as typed: ``iddpm-train sweep ...`` or
+    ``python -m iddpm_core.cli_sweep ...`` (program paths shortened to their names)."""
+    if not sys.argv:
+        return ""
+    prog = Path(sys.argv[0])
+    head = (["python", "-m", "iddpm_core.cli_sweep"] if prog.name == "cli_sweep.py" else [prog.name])
+    return shlex.join(head + sys.argv[1:])
+
+
 def _base_config(ctx, config_file, flags) -> dict:
     """The base run config as in `iddpm-train run`: config file, then flags (all flags' defaults
     without a file; only explicit flags over a file); image size and channels from the data."""
@@ -73,6 +83,8 @@ def _base_config(ctx, config_file, flags) -> dict:
     else:
         base = {"model": {}, "diffusion": {}, "train": {}}
         use = set(flags) - ({"image_size", "in_channels", "attention_resolutions"} - explicit)
+    if not str(flags.get("channel_mult") or "").strip():
+        use.discard("channel_mult")  # empty = the default for the image size
     for name in use:
         section, field, conv = FLAGS[name]
         base[section][field] = flags[name] if isinstance(flags[name], bool) else conv(flags[name])
@@ -144,7 +156,7 @@ def sweep(ctx, widths, depths, ckpt_steps, out_dir, table_copy, eval_hook, fid_n
                      "nll_data": nll_data, "seed": eval_seed}
     if evaluate is None:
         eval_settings = {}
-    command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else ""
+    command = command_line()
     try:
         base = RunConfig.from_dict(_base_config(ctx, config_file, flags), where="command line")
         runs = make_grid(base, widths, depths, ckpt_steps)
@@ -162,3 +174,7 @@ def sweep(ctx, widths, depths, ckpt_steps, out_dir, table_copy, eval_hook, fid_n
 
 # The model / diffusion / training flags of `iddpm-train run`, shared so the two stay in step.
 sweep.params.extend(p for p in _run_cmd.params if p.name not in _NOT_SHARED)
+
+
+if __name__ == "__main__":  # `python -m iddpm_core.cli_sweep ...` until `iddpm-train sweep` is registered
+    sweep()

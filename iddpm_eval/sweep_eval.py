@@ -75,17 +75,26 @@ def reference_features(spec: str, num: int | None, seed: int, extractor, cache_d
     from iddpm_eval import sources
     from iddpm_eval.stats import FeatureStats, load_features, save_stats
 
+    import fcntl
+
     key = json.dumps([str(spec), num, seed, extractor.mode, extractor.weights_sha256])
     path = Path(cache_dir) / f"ref_{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
-    if path.exists():
-        return load_features(path).pool
-    res = sources.resolve(spec)
-    m = sources.measure(res, lambda: extractor, mode=extractor.mode, need_features=True, num=num, seed=seed,
-                        progress=progress)
-    st = FeatureStats(m.stats.mu, m.stats.sigma, count=m.n, mode=m.mode, weights_sha256=m.weights_sha256,
-                      fingerprint=m.fingerprint, source=str(spec))
-    save_stats(path, st, features=m.pool)
-    return m.pool
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # one worker computes, workers sharing the sweep folder wait for it and read the file
+    with open(path.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if path.exists():
+                return load_features(path).pool
+            res = sources.resolve(spec)
+            m = sources.measure(res, lambda: extractor, mode=extractor.mode, need_features=True, num=num,
+                                seed=seed, progress=progress)
+            st = FeatureStats(m.stats.mu, m.stats.sigma, count=m.n, mode=m.mode, weights_sha256=m.weights_sha256,
+                              fingerprint=m.fingerprint, source=str(spec))
+            save_stats(path, st, features=m.pool)
+            return m.pool
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def fid_lowrank(feats1: np.ndarray, feats2: np.ndarray) -> float:
