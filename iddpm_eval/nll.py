@@ -47,6 +47,7 @@ TERMS_PNG = "nll_terms.png"
 SUMMARY_JSON = "nll.json"
 SETTINGS_JSON = "nll_settings.json"
 PARTS_DIR = "parts"
+PILOT_CSV = "pilot_terms.csv"
 
 
 class NLLError(ValueError):
@@ -445,12 +446,15 @@ def load(checkpoint: str | os.PathLike, ema: str | float | None = None, device: 
 def evaluate(checkpoint: str | os.PathLike | Loaded, data: str, *, out_dir: str | os.PathLike | None = None,
              num: int | None = None, batch_size: int = 64, seed: int = 0, exact_cdf: bool = False,
              clip_denoised: bool = True, estimate: int | None = None, profile: str | os.PathLike | None = None,
-             uniform_mix: float = 0.05, method: str = "batched", ema: str | float | None = None,
-             device: str | None = None, progress: bool = True, images_per_write: int | None = None) -> dict:
+             uniform_mix: float = 0.05, pilot: int | None = None, method: str = "batched",
+             ema: str | float | None = None, device: str | None = None, progress: bool = True,
+             images_per_write: int | None = None) -> dict:
     """Bits/dim of the first ``num`` images of ``data`` (all by default) under ``checkpoint``.
 
-    Exact bound (default) or ``estimate`` = K sampled timesteps per image (``profile``: a breakdown
-    CSV or a checkpoint whose loss-second-moment state shapes the proposal). Per-image rows go to
+    Exact bound (default) or ``estimate`` = K sampled timesteps per image, uniform or importance-
+    sampled from ``profile`` (a breakdown CSV or a checkpoint whose loss-second-moment state shapes
+    the proposal) or from a ``pilot`` run: the exact terms of the first ``pilot`` images, saved as
+    ``pilot_terms.csv`` and reused on reruns. Per-image rows go to
     ``out_dir/nll_images.csv`` (rewritten atomically after every group of images; a rerun skips the
     images already there); exact runs also write per-t terms to ``parts/``, the breakdown
     ``nll_terms.csv`` and its plot ``nll_terms.png``. Returns the summary also written to ``nll.json``.
@@ -461,8 +465,10 @@ def evaluate(checkpoint: str | os.PathLike | Loaded, data: str, *, out_dir: str 
         raise NLLError(f"method must be 'batched' or 'loop', got {method!r}")
     if estimate is not None and method != "batched":
         raise NLLError("--estimate runs the batched method only")
-    if profile is not None and not estimate:
-        raise NLLError("a loss profile is used by --estimate only")
+    if (profile is not None or pilot) and not estimate:
+        raise NLLError("a loss profile or pilot run is used by --estimate only")
+    if profile is not None and pilot:
+        raise NLLError("give either a loss profile or a pilot run, not both")
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     lm = checkpoint if isinstance(checkpoint, Loaded) else load(checkpoint, ema=ema, device=dev)
     diffusion, model, T = lm.diffusion, lm.model, lm.diffusion.num_timesteps
@@ -479,21 +485,26 @@ def evaluate(checkpoint: str | os.PathLike | Loaded, data: str, *, out_dir: str 
     if not 1 <= n_total <= len(src):
         raise NLLError(f"--num {num}: data {data!r} holds {len(src)} images")
 
+    out = Path(out_dir) if out_dir is not None else default_out_dir(lm.path, str(data), estimate)
     p = None
     if estimate:
         prof = load_profile(profile, T) if profile is not None else None
+        if pilot:
+            prof = _pilot_profile(out / PILOT_CSV, diffusion, model, src, min(int(pilot), len(src)), conditional,
+                                  dev, seed=seed, batch_size=batch_size, clip_denoised=clip_denoised,
+                                  exact_cdf=exact_cdf, progress=progress)
         p = proposal(T, prof, uniform_mix)
     settings = Settings(checkpoint_sha256=lm.sha256, data=str(data), T=T, seed=int(seed),
                         cdf="exact" if exact_cdf else "tanh", clip_denoised=bool(clip_denoised),
                         ema_rate=lm.ema_rate, estimate=int(estimate) if estimate else None,
                         proposal_sha256=hashlib.sha256(p.tobytes()).hexdigest() if p is not None else None,
                         method=method)
-    out = Path(out_dir) if out_dir is not None else default_out_dir(lm.path, str(data), estimate)
     out.mkdir(parents=True, exist_ok=True)
     _settings_check(out / SETTINGS_JSON, settings)
 
     images_csv = out / IMAGES_CSV
-    done = {i: r for i, r in _read_images_csv(images_csv).items() if i < n_total}
+    stored = _read_images_csv(images_csv)  # rows past --num stay in the file, outside this summary
+    done = {i: r for i, r in stored.items() if i < n_total}
     terms: dict[int, np.ndarray] = {}
     if not estimate:
         terms = _load_parts(out, set(done), T)
@@ -523,9 +534,10 @@ def evaluate(checkpoint: str | os.PathLike | Loaded, data: str, *, out_dir: str 
             save_npz(out / PARTS_DIR / f"terms_{ids[0]:08d}_{ids[-1]:08d}.npz", indices=ids, terms=stacked)
             terms.update({int(i): stacked[j] for j, i in enumerate(ids)})
         for j, i in enumerate(ids.tolist()):
-            done[i] = {"bpd": res["total_bpd"][j], "prior_bpd": res["prior_bpd"][j],
-                       "decoder_bpd": res["decoder_bpd"][j], "kl_bpd": res["kl_bpd"][j], "kl_var": var[j]}
-        _write_images_csv(images_csv, done)
+            done[i] = stored[i] = {"bpd": res["total_bpd"][j], "prior_bpd": res["prior_bpd"][j],
+                                   "decoder_bpd": res["decoder_bpd"][j], "kl_bpd": res["kl_bpd"][j],
+                                   "kl_var": var[j]}
+        _write_images_csv(images_csv, stored)
         n_new += len(ids)
         bar.update(len(ids))
     bar.close()
@@ -544,8 +556,9 @@ def evaluate(checkpoint: str | os.PathLike | Loaded, data: str, *, out_dir: str 
                "seconds": elapsed, "images_per_sec": n_new / elapsed if n_new and elapsed > 0 else None}
     if estimate:
         summary["mc_stderr"] = float(math.sqrt(col["kl_var"].sum()) / len(keys))
-        summary["profile"] = str(profile) if profile is not None else None
-        summary["uniform_mix"] = uniform_mix if profile is not None else None
+        summary["profile"] = str(profile) if profile is not None else (str(out / PILOT_CSV) if pilot else None)
+        summary["pilot"] = int(pilot) if pilot else None
+        summary["uniform_mix"] = uniform_mix if (profile is not None or pilot) else None
     else:
         stack = np.stack([terms[i] for i in keys])
         table = breakdown(stack[:, 0], stack[:, 1], stack[:, 2])
@@ -554,8 +567,67 @@ def evaluate(checkpoint: str | os.PathLike | Loaded, data: str, *, out_dir: str 
                                               f"n = {len(keys)}, T = {T}")
         summary["terms_csv"] = str(out / TERMS_CSV)
         summary["terms_png"] = str(out / TERMS_PNG)
+    from iddpm_eval.provenance import provenance
+
+    summary["provenance"] = provenance()
     write_text(out / SUMMARY_JSON, json.dumps(_jsonable(summary), indent=2, sort_keys=True) + "\n")
     return summary
+
+
+class TrainingNLL:
+    """A ``callback`` for :func:`iddpm_core.train.train`: every ``every`` steps, the K-step estimate of
+    the bound on the first ``num`` images of ``data`` (same images and noise each time, so the curve
+    shows the model's change, not resampling). Returns ``{"bpd_estK": ..., "bpd_estK_mc_stderr": ...}``,
+    which the trainer logs to TensorBoard and ``callback_metrics.csv``. ``ema_rate`` None = the raw
+    weights; runs on rank 0 only."""
+
+    def __init__(self, data: str = "digits", num: int = 16, k: int = 8, every: int = 100, seed: int = 0,
+                 ema_rate: float | None = None, batch_size: int = 64, profile: np.ndarray | None = None):
+        from iddpm_core.data import load_source, to_model_range
+
+        if every < 1 or num < 1:
+            raise NLLError(f"every and num must be >= 1, got {every}, {num}")
+        src = load_source(data)
+        if num > len(src):
+            raise NLLError(f"data {data!r} holds {len(src)} images, asked for {num}")
+        images, labels = src.batch(np.arange(num))
+        self.x0, self.labels = to_model_range(images), torch.as_tensor(labels)
+        self.k, self.every, self.seed, self.ema_rate = int(k), int(every), int(seed), ema_rate
+        self.batch_size, self.profile = int(batch_size), profile
+
+    def __call__(self, step: int, model, ema, info: dict) -> dict | None:
+        if step % self.every or info.get("rank", 0) != 0:
+            return None
+        diffusion = info["diffusion"]
+        net = ema.copy_model(model, self.ema_rate) if self.ema_rate is not None else model
+        was_training = net.training
+        net.eval()
+        try:
+            dev = next(net.parameters()).device
+            p = proposal(diffusion.num_timesteps, self.profile) if self.profile is not None else None
+            labels = self.labels if getattr(getattr(net, "config", None), "num_classes", None) else None
+            res = estimate_bound(diffusion, net, self.x0.to(dev), self.k, p=p, seed=self.seed,
+                                 batch_size=self.batch_size, labels=labels)
+        finally:
+            net.train(was_training)
+        n = len(res["total_bpd"])
+        return {f"bpd_est{self.k}": float(res["total_bpd"].mean()),
+                f"bpd_est{self.k}_mc_stderr": float(math.sqrt(res["kl_var"].sum()) / n)}
+
+
+def _pilot_profile(path: Path, diffusion, model, src, m: int, conditional: bool, dev, **kw) -> np.ndarray:
+    """Per-t RMS of the exact terms of the first ``m`` images (read from ``path`` if a previous run
+    of this folder wrote it, else computed and written there)."""
+    from iddpm_core.data import to_model_range
+
+    T = diffusion.num_timesteps
+    if path.exists():
+        return load_profile(path, T)
+    images, labels = src.batch(np.arange(m))
+    res = bound_terms(diffusion, model, to_model_range(images).to(dev), np.arange(m),
+                      labels=torch.as_tensor(labels) if conditional else None, **kw)
+    write_breakdown(path, breakdown(res["vb"], res["xstart_mse"], res["mse"]))
+    return load_profile(path, T)
 
 
 def _jsonable(d: dict) -> dict:

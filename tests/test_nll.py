@@ -241,6 +241,16 @@ def test_proposal_and_profile_checks(tmp_path):
     np.testing.assert_allclose(load_profile(tmp_path / "terms.csv", 10), np.sqrt((vb ** 2).mean(0)), rtol=1e-15)
     with pytest.raises(NLLError, match="T = 12"):
         load_profile(tmp_path / "terms.csv", 12)
+    # a trainer checkpoint's loss-second-moment state: sqrt(mean L^2) per t, refused until warmed up
+    hist = np.abs(np.random.default_rng(1).standard_normal((10, 4)))
+    model, cfg = tiny_model()
+    state = {"loss_history": torch.from_numpy(hist), "loss_counts": torch.full((10,), 4)}
+    save_checkpoint(tmp_path / "ck.pt", model, cfg, sampler_state=state)
+    np.testing.assert_allclose(load_profile(tmp_path / "ck.pt", 10), np.sqrt((hist ** 2).mean(1)), rtol=1e-15)
+    state["loss_counts"][3] = 2
+    save_checkpoint(tmp_path / "ck2.pt", model, cfg, sampler_state=state)
+    with pytest.raises(NLLError, match="not recorded"):
+        load_profile(tmp_path / "ck2.pt", 10)
     with pytest.raises(NLLError, match="K >= 2"):
         estimate_bound(build_diffusion(DiffusionConfig(steps=10)), tiny_model()[0], digits_batch(1), 1)
 
@@ -282,6 +292,14 @@ def test_cli_outputs_resume_and_errors(tmp_path):
     assert len(terms) == 12
     assert sum(float(t["vb"]) for t in terms) + resumed["prior_bpd"] == pytest.approx(resumed["bpd"])
     assert (tmp_path / "a" / "nll_terms.png").stat().st_size > 1000
+    # a run cut short (rows 3, 4 lost) redoes only what is missing; a smaller --num keeps the other rows
+    lines = (tmp_path / "a" / "nll_images.csv").read_text().splitlines()
+    (tmp_path / "a" / "nll_images.csv").write_text("\n".join(lines[:4]) + "\n")
+    again = json.loads(run_cli(base + ["--num", "5", "--out", str(tmp_path / "a")]).output)
+    assert again["new_images"] == 2 and again["bpd"] == pytest.approx(resumed["bpd"], abs=1e-9)
+    small = json.loads(run_cli(base + ["--num", "2", "--out", str(tmp_path / "a")]).output)
+    assert small["n"] == 2 and small["new_images"] == 0 and small["bpd"] == pytest.approx(per_image[:2].mean())
+    assert len((tmp_path / "a" / "nll_images.csv").read_text().splitlines()) == 6
     from iddpm_eval.tables import read_results
 
     table = read_results(tmp_path / "res.csv")
@@ -301,16 +319,23 @@ def test_cli_outputs_resume_and_errors(tmp_path):
     assert r.exit_code != 0 and "--estimate" in r.output
     # an estimate with the pilot's profile: same prior and decoder, a K-step estimate of the KL sum
     est = json.loads(run_cli(base + ["--num", "5", "--estimate", "4", "--profile",
-                                     str(tmp_path / "a" / "nll_terms.csv"), "--out", str(tmp_path / "f")]).output)
+                                     str(tmp_path / "b" / "nll_terms.csv"), "--out", str(tmp_path / "f")]).output)
     assert est["method"] == "estimate" and est["estimate"] == 4 and est["mc_stderr"] > 0
     assert est["decoder_bpd"] == pytest.approx(fresh["decoder_bpd"], abs=1e-6)
     assert abs(est["bpd"] - fresh["bpd"]) < 6 * est["mc_stderr"]
+    # a pilot run's profile is the same as the pilot images' breakdown, so the same proposal and numbers
+    args = base + ["--num", "5", "--estimate", "4", "--pilot", "5", "--out", str(tmp_path / "g")]
+    piloted = json.loads(run_cli(args).output)
+    assert piloted["pilot"] == 5 and piloted["bpd"] == pytest.approx(est["bpd"], abs=1e-6)
+    rerun = json.loads(run_cli(args).output)
+    assert rerun["new_images"] == 0 and rerun["bpd"] == piloted["bpd"]
 
 
 @pytest.mark.slow
 def test_training_on_digits_lowers_bits_per_dim(tmp_path):
     from iddpm_core.config import RunConfig, TrainConfig
     from iddpm_core.train import train
+    from iddpm_eval.nll import TrainingNLL
 
     model = ModelConfig(image_size=8, in_channels=1, base_channels=16, channel_mult=(1, 2),
                         attention_resolutions=(4,), num_heads=2)
@@ -318,7 +343,7 @@ def test_training_on_digits_lowers_bits_per_dim(tmp_path):
                    train=TrainConfig(data="digits", batch_size=32, steps=100, lr=2e-3, log_interval=50,
                                      sample_interval=0, save_interval=10, sample_num=4, sample_steps="5",
                                      ema_rates=(0.9,), device="cpu"))
-    train(rc, tmp_path / "run", progress=False)
+    train(rc, tmp_path / "run", callback=TrainingNLL("digits", num=16, k=8, every=50), progress=False)
     res = {}
     for step in (10, 100):
         ck = tmp_path / "run" / "checkpoints" / f"ckpt_{step:06d}.pt"
@@ -329,3 +354,11 @@ def test_training_on_digits_lowers_bits_per_dim(tmp_path):
     b = np.loadtxt(tmp_path / "nll100" / "nll_images.csv", delimiter=",", skiprows=1)[:, 1]
     gain = a - b  # same images, same noise: a paired comparison
     assert gain.mean() > 3 * gain.std(ddof=1) / math.sqrt(len(gain))
+    # the in-training estimate (raw weights at step 100) equals the CLI's estimate from the checkpoint
+    logged = {(int(r["step"]), r["name"]): float(r["value"])
+              for r in csv.DictReader(open(tmp_path / "run" / "callback_metrics.csv"))}
+    est = evaluate(tmp_path / "run" / "checkpoints" / "ckpt_000100.pt", "digits", out_dir=tmp_path / "est",
+                   num=16, batch_size=64, estimate=8, ema="raw", device="cpu", progress=False)
+    assert logged[(100, "bpd_est8")] == pytest.approx(est["bpd"], abs=1e-5)
+    assert logged[(100, "bpd_est8_mc_stderr")] == pytest.approx(est["mc_stderr"], rel=1e-5)
+    assert logged[(100, "bpd_est8")] < logged[(50, "bpd_est8")]

@@ -21,10 +21,15 @@ import click
 @click.option("--clip/--no-clip", "clip_denoised", default=True, show_default=True,
               help="Clip the predicted x_0 to [-1, 1], as improved-diffusion's NLL script does.")
 @click.option("--estimate", type=click.IntRange(min=2), default=None, metavar="K",
-              help="Unbiased estimate from K sampled timesteps t >= 1 per image (plus the prior and decoder).")
+              help="Unbiased estimate from K sampled timesteps t >= 1 per image (plus the prior and decoder). "
+                   "Uniform draws are heavy-tailed at small K (their standard error is optimistic): prefer "
+                   "--pilot or --profile.")
 @click.option("--profile", type=click.Path(exists=True, dir_okay=False), default=None,
               help="With --estimate: importance-sample t from a breakdown CSV of an earlier run (nll_terms.csv) "
                    "or a checkpoint's loss-second-moment sampler state.")
+@click.option("--pilot", type=click.IntRange(min=1), default=None, metavar="M",
+              help="With --estimate: importance-sample t from the exact terms of the first M images (computed once, "
+                   "saved as pilot_terms.csv in --out).")
 @click.option("--uniform-mix", type=click.FloatRange(0, 1, min_open=True), default=0.05, show_default=True,
               help="Share of the uniform distribution mixed into the --profile proposal.")
 @click.option("--method", type=click.Choice(["batched", "loop"]), default="batched", show_default=True,
@@ -39,15 +44,17 @@ import click
 @click.option("--results", type=click.Path(dir_okay=False), default=None, help="Append the result to this table.")
 @click.option("--experiment", default="nll", show_default=True, help="Experiment name in --results.")
 @click.option("--no-progress", is_flag=True)
-def nll(checkpoint, data, num, batch_size, exact_cdf, clip_denoised, estimate, profile, uniform_mix, method, seed,
-        ema, out_dir, device, as_json, results, experiment, no_progress):
+def nll(checkpoint, data, num, batch_size, exact_cdf, clip_denoised, estimate, profile, pilot, uniform_mix, method,
+        seed, ema, out_dir, device, as_json, results, experiment, no_progress):
     """Negative log-likelihood in bits/dim: prior KL + every KL term + the discretized decoder NLL,
     per image, with the mean and its standard error. Reruns with the same --out resume."""
     from iddpm_core.data import DataError
     from iddpm_eval.nll import evaluate
 
-    if profile is not None and estimate is None:
-        raise click.UsageError("--profile needs --estimate K")
+    if (profile is not None or pilot) and estimate is None:
+        raise click.UsageError("--profile and --pilot need --estimate K")
+    if profile is not None and pilot:
+        raise click.UsageError("give --profile or --pilot, not both")
     if estimate is not None and method == "loop":
         raise click.UsageError("--estimate uses the batched method; drop --method loop")
     if ema is not None and ema != "raw":
@@ -58,7 +65,8 @@ def nll(checkpoint, data, num, batch_size, exact_cdf, clip_denoised, estimate, p
     try:
         out = evaluate(checkpoint, data, out_dir=out_dir, num=num, batch_size=batch_size, seed=seed,
                        exact_cdf=exact_cdf, clip_denoised=clip_denoised, estimate=estimate, profile=profile,
-                       uniform_mix=uniform_mix, method=method, ema=ema, device=device, progress=not no_progress)
+                       pilot=pilot, uniform_mix=uniform_mix, method=method, ema=ema, device=device,
+                       progress=not no_progress)
     except (DataError, ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
     if results:
@@ -69,8 +77,9 @@ def nll(checkpoint, data, num, batch_size, exact_cdf, clip_denoised, estimate, p
         ci = (None, None) if se is None or not math.isfinite(se) else (out["bpd"] - 1.96 * se, out["bpd"] + 1.96 * se)
         extra = {k: out[k] for k in ("T", "prior_bpd", "decoder_bpd", "kl_bpd", "method", "estimate", "clip_denoised",
                                      "data", "checkpoint", "checkpoint_step", "ema_rate")}
-        if "mc_stderr" in out:
-            extra["mc_stderr"] = out["mc_stderr"]
+        for k in ("mc_stderr", "profile", "pilot"):
+            if out.get(k) is not None:
+                extra[k] = out[k]
         append_result(results, experiment=experiment, metric="bpd" if not estimate else f"bpd_est{estimate}",
                       value=out["bpd"], ci_low=ci[0], ci_high=ci[1], n=out["n"], mode=out["cdf"], seed=seed,
                       checkpoint_hash=out["checkpoint_sha256"],
