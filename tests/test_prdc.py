@@ -72,12 +72,12 @@ def test_feature_scale_is_realistic(realistic):
     assert 15 < np.median(norms) < 40
 
 
-def _peer_float32_error(a, b):
+def _peer_float32_error(a, b, exact=None):
     """Largest relative error of the squared distances the peers compute: torch.cdist in float32
     (torch-fidelity) and scikit-learn's pairwise_distances with a float32 result (prdc)."""
     import sklearn.metrics
 
-    exact = _sq(a, b)
+    exact = _sq(a, b) if exact is None else exact
     ok = exact > 0
     tf = torch.cdist(torch.from_numpy(a), torch.from_numpy(b)).double().numpy() ** 2
     sk = sklearn.metrics.pairwise_distances(a, b).astype(np.float64) ** 2
@@ -261,4 +261,33 @@ def test_property_matches_reference_with_ties(n, m, dim, k, block, seed, levels)
     ref = _ref(real, fake, k=k)
     ours = compute_prdc(real, fake, k=k, block_size=block, device="cpu")
     for key in ("precision", "recall", "density", "coverage"):
+        assert ours[key] == pytest.approx(ref[key], abs=1e-12), key
+
+
+def test_inception_dimension_matches_both_peers():
+    """2048-d features (the Inception pool_3 width) against torch-fidelity and prdc at once, with
+    the same tie-margin check as above."""
+    import prdc
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    rng = np.random.default_rng(99)
+    mix = rng.standard_normal((32, 2048)) / np.sqrt(32) / 3
+    real = _inception_like(rng, 240, dim=2048, mix=mix) * np.float32(0.6)
+    fake = _inception_like(rng, 200, dim=2048, shift=0.2, mix=mix) * np.float32(0.6)
+    assert 15 < np.median(np.linalg.norm(real, axis=1)) < 40
+    ref = _ref(real, fake)
+    drr, dff = _sq(real, real), _sq(fake, fake)
+    eps = max(_peer_float32_error(real, fake, ref["drf"]), _peer_float32_error(real, real, drr),
+              _peer_float32_error(fake, fake, dff))
+    assert (np.abs(ref["drf"] - ref["rr2"][:, None]) / ref["rr2"][:, None]).min() > 3 * eps
+    assert (np.abs(ref["drf"] - ref["rf2"][None, :]) / ref["rf2"][None, :]).min() > 3 * eps
+    ours = compute_prdc(real, fake, block_size=100, device="cpu")
+    tf = prc_features_to_metric(torch.from_numpy(fake), torch.from_numpy(real), prc_neighborhood=K,
+                                prc_batch_size=10000, save_cpu_ram=True, verbose=False)
+    theirs = prdc.compute_prdc(real_features=real, fake_features=fake, nearest_k=K)
+    assert 0.05 < ours["precision"] < 0.95 and 0.05 < ours["recall"] < 0.95
+    assert round(ours["precision"] * len(fake)) == round(tf["precision"] * len(fake))
+    assert round(ours["recall"] * len(real)) == round(tf["recall"] * len(real))
+    for key in ("precision", "recall", "density", "coverage"):
+        assert ours[key] == pytest.approx(float(theirs[key]), abs=1e-12), key
         assert ours[key] == pytest.approx(ref[key], abs=1e-12), key
