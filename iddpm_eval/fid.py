@@ -78,7 +78,8 @@ def fid_from_features(feats1: np.ndarray, feats2: np.ndarray) -> float:
 
 
 def bootstrap_fid(feats1: np.ndarray | None, feats2: np.ndarray | None, rounds: int, *, stats1=None, stats2=None,
-                  seed: int | None = 0, confidence: float = 0.95, progress: bool = False) -> dict:
+                  seed: int | None = 0, confidence: float = 0.95, progress: bool = False,
+                  method: str = "sqrtm") -> dict:
     """Percentile bootstrap interval of FID: each round draws N images with replacement from
     every side that has features (a side given only as ``stats`` = (mu, sigma) stays fixed) and
     recomputes its statistics and the distance. Returns low, high, the rounds' values and which
@@ -99,7 +100,8 @@ def bootstrap_fid(feats1: np.ndarray | None, feats2: np.ndarray | None, rounds: 
             else:
                 sample = feats[rng.integers(0, len(feats), len(feats))]
                 sides.append(stats_from_features(sample))
-        values[r] = frechet_distance(sides[0][0], sides[0][1], sides[1][0], sides[1][1])
+        distance = frechet_distance if method == "sqrtm" else frechet_distance_eig
+        values[r] = distance(sides[0][0], sides[0][1], sides[1][0], sides[1][1])
     alpha = (1 - confidence) / 2
     low, high = np.quantile(values, [alpha, 1 - alpha])
     return dict(low=float(low), high=float(high), values=values, confidence=confidence,
@@ -110,16 +112,22 @@ def compare(a: str, b: str, *, mode: str = "legacy-tf", weights: str | None = No
             batch_size: int = 64, seed: int = 0, bootstrap: int = 0, kid: bool = False, sfid: bool = False,
             pr: bool = False, k: int = 3, kid_subsets: int = 100, kid_subset_size: int = 1000,
             save_features: str | None = None, extractor=None, device: str | None = None,
-            progress: bool = True, sample_steps: int | None = None, sampler: str = "ddpm") -> dict:
+            progress: bool = True, sample_steps: int | None = None, sampler: str = "ddpm",
+            method: str = "sqrtm") -> dict:
     """FID between sources ``a`` and ``b`` (specs, see :mod:`iddpm_eval.sources`), with one feature
     pass per source feeding every requested metric: KID (``kid``), sFID (``sfid``), precision/recall/
     density/coverage with ``a`` as the reference set (``pr``), a bootstrap interval (``bootstrap``
-    rounds). A checkpoint source draws ``num`` images with ``sample_steps`` and ``sampler``. ``save_features``: a folder that receives ``a.npz``/``b.npz`` (statistics + features)
-    for sources that were images. Returns a JSON-ready dict with provenance."""
+    rounds). ``method``: "sqrtm" (the convention) or "eig" (the eigenvalue form: the same value to
+    about 1e-7, faster; recorded as ``fid_method``). A checkpoint source draws ``num`` images with
+    ``sample_steps`` and ``sampler``. ``save_features``: a folder that receives ``a.npz``/``b.npz``
+    (statistics + features) for sources that were images. Returns a JSON-ready dict with provenance."""
     from iddpm_core import __version__
     from iddpm_eval import sources
     from iddpm_eval.stats import save_stats
 
+    if method not in ("sqrtm", "eig"):
+        raise ValueError(f"method must be 'sqrtm' or 'eig', got {method!r}")
+    distance = frechet_distance if method == "sqrtm" else frechet_distance_eig
     if bootstrap and bootstrap < 2:
         raise ValueError(f"--bootstrap needs at least 2 rounds, got {bootstrap}")
     need_features = bool(kid or pr or bootstrap or save_features)
@@ -133,7 +141,7 @@ def compare(a: str, b: str, *, mode: str = "legacy-tf", weights: str | None = No
 
     sides = []
     resolved = [sources.resolve(spec, num=num, seed=seed, batch_size=batch_size, sample_steps=sample_steps,
-                                sampler=sampler, device=device) for spec in (a, b)]  # both checked before any extraction
+                                sampler=sampler, device=device) for spec in (a, b)]  # checked before extracting
     for res in resolved:
         # KID and precision/recall need features from both sides; a statistics file still serves
         # plain FID, the other side's bootstrap, and is not re-saved by save_features.
@@ -150,17 +158,18 @@ def compare(a: str, b: str, *, mode: str = "legacy-tf", weights: str | None = No
         raise FIDError(f"sources use different FID modes: {a}: {ma.mode}, {b}: {mb.mode}")
     sa, sb = ma.stats, mb.stats
     if sa.mu.shape != sb.mu.shape:
-        raise FIDError(f"{a} has {sa.mu.shape[0]}-dimensional statistics but {b} has {sb.mu.shape[0]}-dimensional statistics")
-    out = dict(fid=frechet_distance(sa.mu, sa.sigma, sb.mu, sb.sigma), n_a=ma.n, n_b=mb.n,
+        raise FIDError(f"{a} has {sa.mu.shape[0]}-dimensional statistics "
+                       f"but {b} has {sb.mu.shape[0]}-dimensional statistics")
+    out = dict(fid=distance(sa.mu, sa.sigma, sb.mu, sb.sigma), fid_method=method, n_a=ma.n, n_b=mb.n,
                mode=mode, weights_sha256=sha, seed=seed, num=num, iddpm_version=__version__,
                a=a, b=b, a_kind=ma.kind, b_kind=mb.kind, a_fingerprint=ma.fingerprint, b_fingerprint=mb.fingerprint)
     if bootstrap:
         bs = bootstrap_fid(ma.pool, mb.pool, bootstrap, stats1=(sa.mu, sa.sigma), stats2=(sb.mu, sb.sigma),
-                           seed=seed, progress=progress)
+                           seed=seed, progress=progress, method=method)
         out.update(fid_ci_low=bs["low"], fid_ci_high=bs["high"], bootstrap_rounds=bootstrap,
                    bootstrap_confidence=bs["confidence"], bootstrap_resampled=bs["resampled"])
     if sfid:
-        out["sfid"] = frechet_distance(sa.mu_s, sa.sigma_s, sb.mu_s, sb.sigma_s)
+        out["sfid"] = distance(sa.mu_s, sa.sigma_s, sb.mu_s, sb.sigma_s)
     if kid:
         from iddpm_eval.kid import kid as kid_fn
 

@@ -67,6 +67,10 @@ def test_fid_json_folder_vs_npz(tmp_path, fake):
     for key in ("seed", "iddpm_version", "a_fingerprint", "b_fingerprint"):
         assert key in out
     assert len(fake) == 1  # one extractor serves both sources
+    from iddpm_eval.fid import compare
+
+    eig = compare(str(tmp_path / "a"), str(tmp_path / "b.npz"), method="eig", progress=False)
+    assert eig["fid"] == pytest.approx(out["fid"], rel=1e-8) and eig["fid_method"] == "eig"
     text = _run("fid", tmp_path / "a", tmp_path / "b.npz", "--batch-size", "3", "--no-progress").output
     assert f"FID {out['fid']:.4f}" in text
 
@@ -249,7 +253,8 @@ def test_clean_fid_equals_cleanfid(two_folders):
     from iddpm_eval.fid import compare
 
     dir_a, dir_b, root = two_folders
-    ours = compare(str(dir_a), str(dir_b), mode="clean", batch_size=8, progress=False)
+    # eigenvalue form on our side (saves one 2048x2048 sqrtm; sqrtm == eig is tested in test_stats_fid)
+    ours = compare(str(dir_a), str(dir_b), mode="clean", batch_size=8, progress=False, method="eig")
     with peers.cleanfid_offline(root / "cleanfid"):
         theirs = cleanfid.compute_fid(str(dir_a), str(dir_b), mode="clean", num_workers=0, batch_size=8,
                                       device=torch.device("cpu"), verbose=False, use_dataparallel=False)

@@ -46,11 +46,13 @@ def append_rows(path: str, out: dict, metrics: list[tuple[str, str, str | None, 
     exp = experiment or f"{out['a']} vs {out['b']}"
     extra = {k: out[k] for k in ("a", "b", "n_a", "n_b", "a_fingerprint", "b_fingerprint", "iddpm_version", "num")
              if out.get(k) is not None}
+    counts = [v for v in (out.get("n_a"), out.get("n_b")) if v is not None]
+    n = min(counts) if counts else None  # the smaller set bounds the estimate; both are in extra
     for metric, key, lo, hi in metrics:
         if key in out:
             append_result(path, experiment=exp, metric=metric, value=out[key],
                           ci_low=out.get(lo) if lo else None, ci_high=out.get(hi) if hi else None,
-                          n=min(v for v in (out.get("n_a"), out.get("n_b")) if v is not None) if (out.get("n_a") or out.get("n_b")) else None,
+                          n=n,
                           mode=out.get("mode"), seed=out.get("seed"), weights_sha256=out.get("weights_sha256"),
                           extra=extra)
 
@@ -84,7 +86,8 @@ def fid(a, b, mode, num, batch_size, seed, weights, device, as_json, results, ex
     checkpoint (.pt; --num images sampled on the fly with --sample-steps, --sampler, --seed)."""
     out = run_compare(a, b, as_json=as_json, results=results, experiment=experiment, no_progress=no_progress,
                       mode=mode, num=num, batch_size=batch_size, seed=seed, weights=weights, device=device,
-                      save_features=save_features, sample_steps=sample_steps, sampler=sampler, bootstrap=bootstrap, kid=kid, kid_subsets=kid_subsets,
+                      save_features=save_features, sample_steps=sample_steps, sampler=sampler,
+                      bootstrap=bootstrap, kid=kid, kid_subsets=kid_subsets,
                       kid_subset_size=kid_subset_size, sfid=sfid, pr=pr, k=k)
     if results:
         append_rows(results, out, [("fid", "fid", "fid_ci_low", "fid_ci_high"), ("kid", "kid_mean", None, None),
