@@ -291,6 +291,8 @@ def compute_prdc(real, fake, k: int = 3, block_size: int = 4096, device=None, pr
     same on any device and for any block size.
     """
     _check_k_block(k, block_size)
+    if beta is not None and not (isinstance(beta, (int, float, np.number)) and 0 < float(beta) < math.inf):
+        raise ValueError(f"beta must be a positive number, got {beta!r}")
     dev = _resolve_device(device)
     xr = _as_features(real, "real", dev)
     xf = _as_features(fake, "fake", dev)
@@ -353,8 +355,6 @@ def compute_prdc(real, fake, k: int = 3, block_size: int = 4096, device=None, pr
         s = precision + recall
         out["f1"] = 2 * precision * recall / s if s > 0 else 0.0
         if beta is not None:
-            if not beta > 0:
-                raise ValueError(f"beta must be positive, got {beta!r}")
             b2 = float(beta) ** 2
             den = b2 * precision + recall
             out["f_beta"] = (1 + b2) * precision * recall / den if den > 0 else 0.0

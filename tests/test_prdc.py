@@ -244,6 +244,7 @@ def test_float64_and_float32_inputs_agree():
     (np.zeros((10, 4)), np.zeros((10, 4)), {"k": 0}, "k must be"),
     (np.zeros((10, 4)), np.zeros((10, 4)), {"block_size": 0}, "block_size"),
     (np.array([["a"] * 4] * 10), np.zeros((10, 4)), {}, "real numeric"),
+    (np.zeros((10, 4)), np.zeros((10, 4)), {"beta": -1.0}, "beta"),
 ])
 def test_bad_input(real, fake, kw, match):
     with pytest.raises(ValueError, match=match):
