@@ -262,3 +262,25 @@ def test_kid_subset_size_shrinks_and_errors():
         K.kid(x, _feats(9, 5))
     with pytest.raises(ValueError, match="NaN"):
         K.kid(np.full((4, 4), np.nan), y)
+
+
+def test_lowrank_fid_equals_sqrtm_and_eig_when_fewer_images_than_dims():
+    # 40 and 30 images of 96-d features: singular covariances, the case of small-N FID at 2048 dims.
+    x, y = _feats(40, 96, 11).astype(np.float64), _feats(30, 96, 12, shift=0.3).astype(np.float64)
+    m1, s1 = S.stats_from_features(x)
+    m2, s2 = S.stats_from_features(y)
+    low = F.fid_lowrank(x, y)
+    assert low == pytest.approx(F.frechet_distance(m1, s1, m2, s2), rel=1e-6)
+    assert low == pytest.approx(F.frechet_distance_eig(m1, s1, m2, s2), rel=1e-6)
+    with pytest.raises(F.FIDError, match="NaN"):
+        F.fid_lowrank(np.full((3, 4), np.nan), y[:, :4])
+
+
+def test_bootstrap_auto_uses_lowrank_with_the_same_rounds_as_sqrtm():
+    x, y = _feats(20, 48, 13).astype(np.float64), _feats(25, 48, 14, shift=0.2).astype(np.float64)
+    auto = F.bootstrap_fid(x, y, 6, seed=3)
+    slow = F.bootstrap_fid(x, y, 6, seed=3, method="sqrtm")
+    assert auto["method"] == "lowrank" and slow["method"] == "sqrtm"
+    np.testing.assert_allclose(auto["values"], slow["values"], rtol=1e-6)
+    # more images than dimensions: auto falls back to sqrtm
+    assert F.bootstrap_fid(_feats(30, 4, 1), _feats(30, 4, 2), 3, seed=0)["method"] == "sqrtm"
