@@ -31,8 +31,10 @@ Several processes or machines sharing ``OUT``. Runs are independent. Either
   (``runs/<run>/.lock``, created exclusively) and skips runs another live worker holds.
 
 A lock left by a killed process on the same host is taken over once its process is gone; locks
-from other hosts are only broken with ``break_locks=True``. Each run may itself train under
-``torchrun`` through the trainer, started per run with ``only=[run name]``.
+from other hosts are only broken with ``break_locks=True``. The sweep itself does not run under
+``torchrun`` (its ranks would claim each other's runs): start workers as separate processes, each
+with its share of the cores (e.g. ``OMP_NUM_THREADS``); to train one large run with DDP, use
+``iddpm-train run`` under torchrun.
 
 ``iddpm_core`` never imports ``iddpm_eval``: the evaluator is passed in (the CLI resolves
 ``--eval-hook MODULE:FUNC``).
@@ -407,6 +409,9 @@ def run_sweep(out_dir: str | os.PathLike, runs: Sequence[RunSpec], evaluate: Eva
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     eval_settings = dict(eval_settings or {})
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SweepError("the sweep does not run under torchrun (WORLD_SIZE > 1): start its workers as separate "
+                         "processes with --worker/--workers, or the same command several times")
     if not runs:
         raise SweepError("the grid has no runs")
     names = [r.name for r in runs]

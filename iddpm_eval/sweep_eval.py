@@ -6,12 +6,13 @@ FID. ``fid_num`` images are sampled from the checkpoint's EMA weights with ``fid
 ``fid_sampler`` (seeded by ``seed``) and compared with ``fid_ref_num`` images of the reference
 data (``fid_ref``, default the training data; the subset is drawn as ``iddpm-eval fid --num N
 --seed S`` draws it). The reference features are computed once per sweep and cached in
-``OUT/eval_cache/``. The interval is a percentile bootstrap over images on both sides
-(``fid_bootstrap`` rounds). With fewer images than feature dimensions (2048) the distance is
-computed in the span of the images (:func:`fid_lowrank`: exact, no 1e-6 regularisation, and
-milliseconds instead of the minute a 2048 x 2048 ``sqrtm`` takes on a busy CPU); column
-``fid_method`` says which form was used. The samples are kept as ``<run>/eval/step_XXXXXX/samples.npz``, so
-``iddpm-eval fid`` can recompute the number.
+``OUT/eval_cache/``. The interval comes from a bootstrap over images on both sides
+(``fid_bootstrap`` rounds), shifted by the bootstrap's own bias (see :func:`bootstrap_interval`).
+With fewer images than feature dimensions (2048) the distance is computed in the span of the
+images (:func:`fid_lowrank`: exact, no 1e-6 regularisation, and milliseconds instead of the
+minute a 2048 x 2048 ``sqrtm`` takes on a busy CPU); column ``fid_method`` says which form was
+used. The samples are kept as ``<run>/eval/step_XXXXXX/samples.npz``, so ``iddpm-eval fid`` can
+recompute the number.
 
 Bits/dim. :func:`iddpm_eval.nll.evaluate` on the first ``nll_num`` images of ``nll_data``
 (default the training data): the exact bound (``nll_estimate`` 0) or the unbiased estimate from
@@ -115,16 +116,28 @@ def fid_lowrank(feats1: np.ndarray, feats2: np.ndarray) -> float:
 
 
 def bootstrap_interval(gen: np.ndarray, ref: np.ndarray, rounds: int, seed: int, level: float = 0.95
-                       ) -> tuple[float, float]:
-    """Percentile interval of FID over ``rounds`` resamples of the images on both sides (as
-    :func:`iddpm_eval.fid.bootstrap_fid` resamples them), each computed by :func:`fid_lowrank`."""
+                       ) -> dict:
+    """Bootstrap of FID over ``rounds`` resamples of the images on both sides (as
+    :func:`iddpm_eval.fid.bootstrap_fid` resamples them), each computed by :func:`fid_lowrank`.
+
+    A resample repeats images, which inflates FID: at a few hundred images the whole bootstrap
+    distribution can lie above the estimate, so its plain percentile interval misses it. The
+    interval returned is the percentile interval shifted by the bootstrap's bias estimate
+    (mean of the resamples minus the estimate), i.e. the spread of the bootstrap placed around the
+    estimate; the plain percentiles are returned too."""
     rng = np.random.default_rng(seed)
     vals = np.empty(rounds)
     for r in range(rounds):
         vals[r] = fid_lowrank(gen[rng.integers(0, len(gen), len(gen))], ref[rng.integers(0, len(ref), len(ref))])
+    return _interval(fid_lowrank(gen, ref), vals, level)
+
+
+def _interval(estimate: float, vals: np.ndarray, level: float) -> dict:
     alpha = (1 - level) / 2
     lo, hi = np.quantile(vals, [alpha, 1 - alpha])
-    return float(lo), float(hi)
+    bias = float(vals.mean() - estimate)
+    return {"fid_ci_low": float(lo - bias), "fid_ci_high": float(hi - bias), "fid_boot_bias": bias,
+            "fid_boot_pct_low": float(lo), "fid_boot_pct_high": float(hi)}
 
 
 def fid_of_checkpoint(checkpoint: str, s: dict, out_dir: Path, cache_dir: Path, progress: bool = False) -> dict:
@@ -151,17 +164,14 @@ def fid_of_checkpoint(checkpoint: str, s: dict, out_dir: Path, cache_dir: Path, 
            "sample_seconds": sample_seconds, "feature_seconds": feature_seconds}
     rounds = int(s["fid_bootstrap"])
     if rounds:
-        lo, hi = (bootstrap_interval(gen, ref, rounds, int(s["seed"])) if lowrank
-                  else _bootstrap_full(gen, ref, rounds, int(s["seed"])))
-        out.update(fid_ci_low=lo, fid_ci_high=hi, fid_bootstrap=rounds)
+        if lowrank:
+            out.update(bootstrap_interval(gen, ref, rounds, int(s["seed"])))
+        else:
+            from iddpm_eval.fid import bootstrap_fid
+
+            out.update(_interval(out["fid"], bootstrap_fid(gen, ref, rounds, seed=int(s["seed"]))["values"], 0.95))
+        out.update(fid_bootstrap=rounds, fid_ci_method="bootstrap-percentile-bias-shifted")
     return out
-
-
-def _bootstrap_full(gen, ref, rounds, seed):
-    from iddpm_eval.fid import bootstrap_fid
-
-    bs = bootstrap_fid(gen, ref, rounds, seed=seed)
-    return bs["low"], bs["high"]
 
 
 def nll_of_checkpoint(checkpoint: str, s: dict, out_dir: Path, progress: bool = False) -> dict:

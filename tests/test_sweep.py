@@ -147,7 +147,7 @@ def test_rerun_skips_finished_fills_missing_evaluations_and_extends(tmp_path):
         sw.run_sweep(tmp_path, runs, weight_checksum, eval_settings={"fid_num": 9}, train_fn=fake, progress=False)
 
 
-def test_locks_split_and_only(tmp_path):
+def test_locks_split_and_only(tmp_path, monkeypatch):
     fake = FakeTrainer()
     runs = sw.make_grid(tiny_base(), [8, 16, 24], [1], [2])
     # a live holder on this host (our parent process) keeps its run; a dead one's lock is taken over
@@ -176,6 +176,10 @@ def test_locks_split_and_only(tmp_path):
     assert r.trained == ["w24_d1@2"] and r.rows == 3
     with pytest.raises(sw.SweepError, match="w99_d1"):
         sw.run_sweep(tmp_path / "b", grid, None, only=["w99_d1"], train_fn=fake2, progress=False)
+    with monkeypatch.context() as m:
+        m.setenv("WORLD_SIZE", "2")
+        with pytest.raises(sw.SweepError, match="torchrun"):
+            sw.run_sweep(tmp_path / "b", grid, None, train_fn=fake2, progress=False)
 
 
 def test_table_columns_feed_scaling_fit(tmp_path):
@@ -284,6 +288,20 @@ def test_fid_lowrank_equals_sqrtm_and_eigenvalue_forms():
         assert got == pytest.approx(frechet_distance_eig(m1, s1, m2, s2), rel=1e-6)
         assert got == pytest.approx(frechet_distance(m1, s1, m2, s2), rel=1e-6)
 
+    # the bootstrap draws the same resamples as iddpm_eval.fid.bootstrap_fid (same seed and order)
+    from iddpm_eval.fid import bootstrap_fid
+    from iddpm_eval.sweep_eval import bootstrap_interval
+
+    a, b = rng.normal(size=(20, 32)), rng.normal(size=(25, 32)) + 0.5
+    ours = bootstrap_interval(a, b, 40, seed=7)
+    peer = bootstrap_fid(a, b, 40, seed=7)
+    assert ours["fid_boot_pct_low"] == pytest.approx(peer["low"], rel=1e-6)
+    assert ours["fid_boot_pct_high"] == pytest.approx(peer["high"], rel=1e-6)
+    bias = peer["values"].mean() - fid_lowrank(a, b)
+    assert ours["fid_boot_bias"] == pytest.approx(bias, rel=1e-6) and bias > 0  # resampling inflates FID
+    assert ours["fid_ci_low"] == pytest.approx(peer["low"] - bias, rel=1e-6)
+    assert ours["fid_ci_high"] == pytest.approx(peer["high"] - bias, rel=1e-6)
+
 
 def test_eval_hook_matches_standalone_fid_and_nll(tmp_path):
     from iddpm_eval import nll, sources, sweep_eval
@@ -312,6 +330,7 @@ def test_eval_hook_matches_standalone_fid_and_nll(tmp_path):
     assert row["fid_n"] == 10 and row["fid_ref_n"] == 12 and row["fid_method"] == "lowrank"
     assert row["weights_sha256"] == fx.weights_sha256
     assert np.isfinite([row["fid_ci_low"], row["fid_ci_high"]]).all() and row["fid_ci_low"] < row["fid_ci_high"]
+    assert row["fid_ci_method"] == "bootstrap-percentile-bias-shifted"
     # the same bits/dim as `iddpm-eval nll --estimate 3 --num 4 --seed 5`
     alone = nll.evaluate(str(ckpt), "digits", out_dir=tmp_path / "nll_alone", num=4, estimate=3, seed=5,
                          progress=False)
