@@ -198,3 +198,9 @@ def sample_main(checkpoint, num, steps, sampler, eta, out_dir, batch_size, seed,
     import os
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(json.dumps({k: summary[k] for k in ("samples", "grid", "shards", "shards_reused")}))
+
+
+# `iddpm-train sweep` lives in its own module, which builds on `run`'s flags above.
+from iddpm_core.cli_sweep import sweep as _sweep  # noqa: E402
+
+train_main.add_command(_sweep)

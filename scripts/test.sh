@@ -5,4 +5,5 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup_env.sh"
 cd "$ROOT"
-exec "$ROOT/.venv/bin/python" -m pytest "$@"
+# Two workers for the two cores (tests/conftest.py gives each one torch thread).
+exec "$ROOT/.venv/bin/python" -m pytest -n 2 "$@"
