@@ -7,23 +7,11 @@ import torch
 
 from iddpm_core.checkpoint import load_checkpoint, load_model, save_checkpoint
 from iddpm_core.models import ModelConfig, build_model
+from helpers import randomize_
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP wake-up costs on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def randomize_(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.2 * torch.randn(p.shape, generator=g))
-    return model
 
 
 CONFIGS = [

@@ -10,13 +10,7 @@ from iddpm_core.models.cost import (count_parameters, cost_summary, forward_flop
 from iddpm_core.models.layers import AttentionBlock
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP wake-up costs on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Wrap(nn.Module):
