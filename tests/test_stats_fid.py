@@ -284,3 +284,15 @@ def test_bootstrap_auto_uses_lowrank_with_the_same_rounds_as_sqrtm():
     np.testing.assert_allclose(auto["values"], slow["values"], rtol=1e-6)
     # more images than dimensions: auto falls back to sqrtm
     assert F.bootstrap_fid(_feats(30, 4, 1), _feats(30, 4, 2), 3, seed=0)["method"] == "sqrtm"
+
+
+def test_bootstrap_interval_is_shifted_by_the_bootstrap_bias():
+    x, y = _feats(30, 64, 15).astype(np.float64), _feats(30, 64, 16, shift=0.1).astype(np.float64)
+    est = F.fid_lowrank(x, y)
+    r = F.bootstrap_fid(x, y, 40, seed=1, estimate=est)
+    bias = r["values"].mean() - est
+    assert bias > 0  # resampling repeats images, which inflates FID
+    assert r["bias"] == pytest.approx(bias)
+    assert (r["low"], r["high"]) == pytest.approx((r["pct_low"] - bias, r["pct_high"] - bias))
+    assert r["pct_low"] == pytest.approx(np.quantile(r["values"], 0.025))
+    assert r["low"] <= est <= r["high"]
