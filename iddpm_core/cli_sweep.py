@@ -16,8 +16,6 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from iddpm_core.cli import FLAGS, run as _run_cmd
-
 DEFAULT_HOOK = "iddpm_eval.sweep_eval:evaluate_checkpoint"
 # Flags of `iddpm-train run` that the sweep does not take (it sets them per run, or has its own).
 _NOT_SHARED = {"base_channels", "num_res_blocks", "steps", "out_dir", "resume", "progress"}
@@ -72,6 +70,7 @@ def command_line() -> str:
 def _base_config(ctx, config_file, flags) -> dict:
     """The base run config as in `iddpm-train run`: config file, then flags (all flags' defaults
     without a file; only explicit flags over a file); image size and channels from the data."""
+    from iddpm_core.cli import FLAGS
     from iddpm_core.config import RunConfig
     from iddpm_core.train import complete_model_config
 
@@ -173,6 +172,10 @@ def sweep(ctx, widths, depths, ckpt_steps, out_dir, table_copy, eval_hook, fid_n
 
 
 # The model / diffusion / training flags of `iddpm-train run`, shared so the two stay in step.
+# Imported here, after `sweep` exists: iddpm_core.cli imports this module at its end to register
+# `sweep`, so either module may be imported first.
+from iddpm_core.cli import run as _run_cmd  # noqa: E402
+
 sweep.params.extend(p for p in _run_cmd.params if p.name not in _NOT_SHARED)
 
 

@@ -3,7 +3,7 @@
 # 4 widths x 1 depth, checkpoints at 150, 400, 1000 and 2500 steps (batch 32), FID from 256 DDIM-25 samples against
 # 512 training images (bootstrap interval), bits/dim estimated from 16 timesteps on 64 images.
 # Two worker processes share the sweep folder (each claims runs by lock file; one thread each).
-# Then the power-law fits and plots. About 25 minutes on 2 busy CPU cores.
+# Then the power-law fits and plots. About 12 minutes on 2 quiet CPU cores.
 # Rerunning skips everything already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +12,7 @@ OUT=${OUT:-runs/scaling-sweep}
 RESULTS=${RESULTS:-results/scaling}
 mkdir -p "$OUT" "$RESULTS"
 sweep() {
-  OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PY/python" -m iddpm_core.cli_sweep \
+  OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PY/iddpm-train" sweep \
     --widths 32,24,16,8 --depths 1 --steps 150,400,1000,2500 --data digits --out "$OUT" \
     --table "$RESULTS/sweep.csv" \
     --batch-size 32 --lr 2e-4 --ema-rates 0.999 --ema-warmup --diffusion-steps 1000 \
