@@ -13,6 +13,11 @@ def _ints(s):
     return tuple(int(v) for v in s.split(",")) if s else ()
 
 
+def _opt_ints(s):
+    """'' -> None (the default for the image size), else a tuple of ints."""
+    return _ints(s) or None
+
+
 def _floats(s):
     s = s.strip()
     return tuple(float(v) for v in s.split(",")) if s else ()
@@ -26,7 +31,7 @@ FLAGS = {
     # model
     "model_kind": ("model", "kind", str), "image_size": ("model", "image_size", int),
     "in_channels": ("model", "in_channels", int), "base_channels": ("model", "base_channels", int),
-    "channel_mult": ("model", "channel_mult", _ints), "num_res_blocks": ("model", "num_res_blocks", int),
+    "channel_mult": ("model", "channel_mult", _opt_ints), "num_res_blocks": ("model", "num_res_blocks", int),
     "attention_resolutions": ("model", "attention_resolutions", _ints), "num_heads": ("model", "num_heads", int),
     "dropout": ("model", "dropout", float), "learn_sigma": ("model", "learn_sigma", bool),
     "num_classes": ("model", "num_classes", _opt_int), "scale_shift": ("model", "use_scale_shift_norm", bool),

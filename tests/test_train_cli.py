@@ -40,3 +40,18 @@ def test_train_cli_run_and_resume(tmp_path):
     assert r.exit_code == 0, r.output
     stored = RunConfig.from_file(tmp_path / "c" / "run_config.json")
     assert stored.train.seed == 5 and stored.train.batch_size == 2 and stored.model.image_size == 8
+
+
+def test_train_cli_without_channel_mult_uses_the_default_for_the_image_size(tmp_path):
+    from iddpm_core.cli import train_main
+    from iddpm_core.models.config import ModelConfig
+
+    out = tmp_path / "run"
+    r = CliRunner().invoke(train_main, ["run", "--out", str(out), "--data", "digits", "--base-channels", "8",
+                                        "--diffusion-steps", "20", "--batch-size", "2", "--steps", "1",
+                                        "--sample-interval", "0", "--sample-num", "2", "--sample-steps", "2",
+                                        "--no-progress"])
+    assert r.exit_code == 0, r.output
+    stored = ModelConfig.from_dict(json.loads((out / "run_config.json").read_text())["model"])
+    assert stored.channel_mult is None
+    assert stored.resolved_channel_mult() == ModelConfig(image_size=8, in_channels=1).resolved_channel_mult()
