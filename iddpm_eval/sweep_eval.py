@@ -7,9 +7,10 @@ FID. ``fid_num`` images are sampled from the checkpoint's EMA weights with ``fid
 data (``fid_ref``, default the training data; the subset is drawn as ``iddpm-eval fid --num N
 --seed S`` draws it). The reference features are computed once per sweep and cached in
 ``OUT/eval_cache/``. The interval comes from a bootstrap over images on both sides
-(``fid_bootstrap`` rounds), shifted by the bootstrap's own bias (see :func:`bootstrap_interval`).
+(``fid_bootstrap`` rounds), shifted by the bootstrap's own bias (see
+:func:`iddpm_eval.fid.bootstrap_fid`).
 With fewer images than feature dimensions (2048) the distance is computed in the span of the
-images (:func:`fid_lowrank`: exact, no 1e-6 regularisation, and milliseconds instead of the
+images (:func:`iddpm_eval.fid.fid_lowrank`: exact, no 1e-6 regularisation, and milliseconds instead of the
 minute a 2048 x 2048 ``sqrtm`` takes on a busy CPU); column ``fid_method`` says which form was
 used. The samples are kept as ``<run>/eval/step_XXXXXX/samples.npz``, so ``iddpm-eval fid`` can
 recompute the number.
@@ -98,52 +99,10 @@ def reference_features(spec: str, num: int | None, seed: int, extractor, cache_d
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def fid_lowrank(feats1: np.ndarray, feats2: np.ndarray) -> float:
-    """FID of two feature sets in the space of the images, exact and fast when N < feature dims:
-    with centred features A1 (n1 x d), A2 and c = (n1 - 1)(n2 - 1), S_i = A_i^T A_i / (n_i - 1), the
-    non-zero eigenvalues of S1 S2 are those of M M^T / c with M = A1 A2^T, so
-    tr sqrt(S1 S2) = (sum of the singular values of M) / sqrt(c). Used for the bootstrap rounds;
-    equals the sqrtm / eigenvalue forms without their 1e-6 regularisation."""
-    a1 = np.asarray(feats1, np.float64)
-    a2 = np.asarray(feats2, np.float64)
-    mu1, mu2 = a1.mean(0), a2.mean(0)
-    a1, a2 = a1 - mu1, a2 - mu2
-    n1, n2 = len(a1), len(a2)
-    tr1, tr2 = (a1 * a1).sum() / (n1 - 1), (a2 * a2).sum() / (n2 - 1)
-    nuclear = np.linalg.svd(a1 @ a2.T, compute_uv=False).sum() / np.sqrt((n1 - 1) * (n2 - 1))
-    diff = mu1 - mu2
-    return float(diff @ diff + tr1 + tr2 - 2 * nuclear)
-
-
-def bootstrap_interval(gen: np.ndarray, ref: np.ndarray, rounds: int, seed: int, level: float = 0.95
-                       ) -> dict:
-    """Bootstrap of FID over ``rounds`` resamples of the images on both sides (as
-    :func:`iddpm_eval.fid.bootstrap_fid` resamples them), each computed by :func:`fid_lowrank`.
-
-    A resample repeats images, which inflates FID: at a few hundred images the whole bootstrap
-    distribution can lie above the estimate, so its plain percentile interval misses it. The
-    interval returned is the percentile interval shifted by the bootstrap's bias estimate
-    (mean of the resamples minus the estimate), i.e. the spread of the bootstrap placed around the
-    estimate; the plain percentiles are returned too."""
-    rng = np.random.default_rng(seed)
-    vals = np.empty(rounds)
-    for r in range(rounds):
-        vals[r] = fid_lowrank(gen[rng.integers(0, len(gen), len(gen))], ref[rng.integers(0, len(ref), len(ref))])
-    return _interval(fid_lowrank(gen, ref), vals, level)
-
-
-def _interval(estimate: float, vals: np.ndarray, level: float) -> dict:
-    alpha = (1 - level) / 2
-    lo, hi = np.quantile(vals, [alpha, 1 - alpha])
-    bias = float(vals.mean() - estimate)
-    return {"fid_ci_low": float(lo - bias), "fid_ci_high": float(hi - bias), "fid_boot_bias": bias,
-            "fid_boot_pct_low": float(lo), "fid_boot_pct_high": float(hi)}
-
-
 def fid_of_checkpoint(checkpoint: str, s: dict, out_dir: Path, cache_dir: Path, progress: bool = False) -> dict:
     """Sample, extract features, FID against the cached reference, bootstrap interval."""
     from iddpm_core.sample import sample_images
-    from iddpm_eval.fid import fid_from_features
+    from iddpm_eval.fid import bootstrap_fid, fid_from_features, fid_lowrank
 
     fx = _extractor(s["fid_mode"], s["fid_weights"], int(s["fid_batch_size"]), s["device"])
     ref = reference_features(s["fid_ref"], s["fid_ref_num"], int(s["seed"]), fx, cache_dir, progress)
@@ -164,12 +123,10 @@ def fid_of_checkpoint(checkpoint: str, s: dict, out_dir: Path, cache_dir: Path, 
            "sample_seconds": sample_seconds, "feature_seconds": feature_seconds}
     rounds = int(s["fid_bootstrap"])
     if rounds:
-        if lowrank:
-            out.update(bootstrap_interval(gen, ref, rounds, int(s["seed"])))
-        else:
-            from iddpm_eval.fid import bootstrap_fid
-
-            out.update(_interval(out["fid"], bootstrap_fid(gen, ref, rounds, seed=int(s["seed"]))["values"], 0.95))
+        bs = bootstrap_fid(gen, ref, rounds, seed=int(s["seed"]), estimate=out["fid"],
+                           method="lowrank" if lowrank else "sqrtm")
+        out.update(fid_ci_low=bs["low"], fid_ci_high=bs["high"], fid_boot_bias=bs["bias"],
+                   fid_boot_pct_low=bs["pct_low"], fid_boot_pct_high=bs["pct_high"])
         out.update(fid_bootstrap=rounds, fid_ci_method="bootstrap-percentile-bias-shifted")
     return out
 

@@ -272,6 +272,9 @@ def test_lowrank_fid_equals_sqrtm_and_eig_when_fewer_images_than_dims():
     low = F.fid_lowrank(x, y)
     assert low == pytest.approx(F.frechet_distance(m1, s1, m2, s2), rel=1e-6)
     assert low == pytest.approx(F.frechet_distance_eig(m1, s1, m2, s2), rel=1e-6)
+    x[:20] = x[0]  # repeated rows, as in a bootstrap resample
+    m1, s1 = S.stats_from_features(x)
+    assert F.fid_lowrank(x, y) == pytest.approx(F.frechet_distance_eig(m1, s1, m2, s2), rel=1e-6)
     with pytest.raises(F.FIDError, match="NaN"):
         F.fid_lowrank(np.full((3, 4), np.nan), y[:, :4])
 

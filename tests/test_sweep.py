@@ -273,39 +273,9 @@ def test_two_worker_processes_share_a_folder(tmp_path):
 
 # ----------------------------------------------------------------------------- evaluation hook
 
-def test_fid_lowrank_equals_sqrtm_and_eigenvalue_forms():
-    from iddpm_eval.fid import frechet_distance, frechet_distance_eig
-    from iddpm_eval.stats import stats_from_features
-    from iddpm_eval.sweep_eval import fid_lowrank
-
-    rng = np.random.default_rng(3)
-    for n1, n2, d in ((20, 15, 64), (100, 80, 16), (7, 30, 48)):  # singular and full-rank covariances
-        a = rng.normal(size=(n1, d)) * rng.uniform(0.5, 2, d)
-        b = rng.normal(size=(n2, d)) @ rng.normal(size=(d, d)) / np.sqrt(d) + 0.3
-        a[: n1 // 2] = a[0]  # repeated rows, as in a bootstrap resample
-        (m1, s1), (m2, s2) = stats_from_features(a), stats_from_features(b)
-        got = fid_lowrank(a, b)
-        assert got == pytest.approx(frechet_distance_eig(m1, s1, m2, s2), rel=1e-6)
-        assert got == pytest.approx(frechet_distance(m1, s1, m2, s2), rel=1e-6)
-
-    # the bootstrap draws the same resamples as iddpm_eval.fid.bootstrap_fid (same seed and order)
-    from iddpm_eval.fid import bootstrap_fid
-    from iddpm_eval.sweep_eval import bootstrap_interval
-
-    a, b = rng.normal(size=(20, 32)), rng.normal(size=(25, 32)) + 0.5
-    ours = bootstrap_interval(a, b, 40, seed=7)
-    peer = bootstrap_fid(a, b, 40, seed=7)
-    assert ours["fid_boot_pct_low"] == pytest.approx(peer["low"], rel=1e-6)
-    assert ours["fid_boot_pct_high"] == pytest.approx(peer["high"], rel=1e-6)
-    bias = peer["values"].mean() - fid_lowrank(a, b)
-    assert ours["fid_boot_bias"] == pytest.approx(bias, rel=1e-6) and bias > 0  # resampling inflates FID
-    assert ours["fid_ci_low"] == pytest.approx(peer["low"] - bias, rel=1e-6)
-    assert ours["fid_ci_high"] == pytest.approx(peer["high"] - bias, rel=1e-6)
-
-
 def test_eval_hook_matches_standalone_fid_and_nll(tmp_path):
     from iddpm_eval import nll, sources, sweep_eval
-    from iddpm_eval.sweep_eval import fid_lowrank
+    from iddpm_eval.fid import fid_lowrank
 
     fake = FakeTrainer()
     runs = sw.make_grid(tiny_base(), [8], [1], [2])
