@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -174,7 +175,9 @@ def load_nvidia_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     try:
         if _is_torchscript(path):
-            module = torch.jit.load(str(path), map_location="cpu")
+            with warnings.catch_warnings():  # torch >= 2.9 deprecates jit.load; we only read tensors
+                warnings.simplefilter("ignore", FutureWarning)
+                module = torch.jit.load(str(path), map_location="cpu")
             state = _strip_to_layers(dict(module.state_dict()))
         else:
             raw = torch.load(path, map_location="cpu", weights_only=True)
