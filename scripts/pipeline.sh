@@ -22,7 +22,7 @@ case "$PRESET" in
   fashion-mnist)  # Debian's Fashion-MNIST, 28x28 grayscale, about 5 minutes of training on 2 cores
     DATA=fashion-mnist:train; REAL=fashion-mnist:test; HELD=fashion-mnist:test; EXP=fashion-mnist
     MODEL=(--base-channels 16 --channel-mult 1,2,2 --attention-resolutions 7)
-    TRAIN=(--batch-size 32 --lr 2e-3 --steps 800); NUM=500; NLL_NUM=16; SAMPLE_STEPS=50 ;;
+    TRAIN=(--batch-size 32 --lr 2e-3 --steps 800); NUM=500; NLL_NUM=64; SAMPLE_STEPS=50 ;;
   ci)             # the CI gate: small, seeded, deterministic (digits are always available)
     DATA=digits; REAL=digits; HELD=digits; EXP=ci-digits
     MODEL=(--base-channels 16 --channel-mult 1,2 --attention-resolutions 4)
