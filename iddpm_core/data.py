@@ -31,6 +31,8 @@ import numpy as np
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
+# Where `fashion-mnist:SPLIT` looks when no root is passed: this variable, else Debian's folder.
+FASHION_MNIST_ENV = "IDDPM_FASHION_MNIST"
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -339,10 +341,13 @@ def _find_idx(root: Path, stem: str) -> Path:
 
 
 def fashion_mnist(split: str = "train", root: str | os.PathLike | None = None) -> ArraySource:
-    """Fashion-MNIST from IDX files (``train``: 60,000, ``test``: 10,000 images 28x28x1 with labels)."""
+    """Fashion-MNIST from IDX files (``train``: 60,000, ``test``: 10,000 images 28x28x1 with labels),
+    in ``root``, else ``$IDDPM_FASHION_MNIST``, else Debian's /usr/share/datasets/fashion-mnist."""
     if split not in FASHION_MNIST_FILES:
         raise DataError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
-    root = Path(root) if root is not None else FASHION_MNIST_ROOT
+    if root is None:
+        root = os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_ROOT
+    root = Path(root)
     img_stem, lab_stem = FASHION_MNIST_FILES[split]
     images = read_idx(_find_idx(root, img_stem))
     labels = read_idx(_find_idx(root, lab_stem))

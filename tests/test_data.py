@@ -136,6 +136,18 @@ def test_idx_corrupt(tmp_path):
         D.fashion_mnist("test", tmp_path)
 
 
+def test_fashion_mnist_folder_from_environment(tmp_path, monkeypatch):
+    # every command (train, fid, nll, sweep) opens `fashion-mnist:SPLIT` through load_source
+    te = _rand_images(3, 28, 28, 1, seed=2)[..., 0]
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", te)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.array([1, 2, 3]))
+    monkeypatch.setenv(D.FASHION_MNIST_ENV, str(tmp_path))
+    src = D.load_source("fashion-mnist:test")
+    np.testing.assert_array_equal(src.images[..., 0], te)
+    with pytest.raises(D.DataError, match=str(tmp_path)):
+        D.load_source("fashion-mnist:train")  # the train files are not in that folder
+
+
 def test_fashion_mnist_debian_install():
     if not (D.FASHION_MNIST_ROOT / "t10k-images-idx3-ubyte.gz").exists():
         pytest.skip("dataset-fashion-mnist not installed")
