@@ -12,7 +12,6 @@ Quantisation to uint8: ``"round"`` = ``((x + 1) * 127.5).round().clamp(0, 255)``
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -26,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from iddpm_core import distributed as dist_utils
-from iddpm_core.io import atomic_path, save_npz, write_text
+from iddpm_core.io import atomic_path, file_sha256, save_npz, write_text
 
 SAMPLERS = ("ddpm", "ddim")
 QUANTIZE = ("round", "truncate")
@@ -235,12 +234,6 @@ def grid_scale(image_size: int) -> int:
 
 # ----------------------------------------------------------------------------- sharded output
 
-def _sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _shard_ok(path: Path, n: int, shape: tuple, has_labels: bool) -> bool:
@@ -296,7 +289,7 @@ def _sample_to_dir(checkpoint, out, num, steps, sampler, eta, seed, batch_size, 
     sm = load_for_sampling(checkpoint, ema_rate=ema_rate, device=dev)
     size, channels, num_classes = _model_dims(sm)
     respacing = respacing_for(steps, sampler, sm.diffusion_config.steps)
-    settings = {"checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": _sha256(checkpoint),
+    settings = {"checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": file_sha256(checkpoint),
                 "checkpoint_step": sm.step, "ema_rate": sm.ema_rate, "num": num, "steps": steps,
                 "respacing": respacing, "sampler": sampler, "eta": eta, "seed": seed, "shard_size": batch_size,
                 "quantize": quantize_mode, "clip_denoised": True,

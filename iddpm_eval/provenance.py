@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from iddpm_core.io import file_sha256  # noqa: F401  (re-exported: provenance.file_sha256)
+
 UNKNOWN = "unknown"
 SHORT_HASH_CHARS = 16  # config_hash default length: 64 bits of sha256 (hex)
 
@@ -158,20 +160,6 @@ def config_hash(obj: Any, full: bool = False) -> str:
     digest = hashlib.sha256(canonical_json(obj).encode("ascii")).hexdigest()
     return digest if full else digest[:SHORT_HASH_CHARS]
 
-
-def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """Full hex sha256 of a file's bytes, read in chunks."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"file_sha256: no such file: {path}")
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            block = fh.read(chunk_size)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
 
 
 if __name__ == "__main__":  # pragma: no cover - manual check

@@ -25,7 +25,6 @@ Search order of :func:`resolve_weights`:
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import warnings
@@ -33,6 +32,8 @@ import zipfile
 from pathlib import Path
 
 import torch
+
+from iddpm_core.io import file_sha256  # noqa: F401  (re-exported: weights.file_sha256)
 
 ENV_VAR = "IDDPM_FID_WEIGHTS"
 WHEEL_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
@@ -91,13 +92,6 @@ def conv_name_map() -> dict[str, str]:
 
 # --- hashing and locating -------------------------------------------------------------------
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def wheel_weights_path() -> Path | None:
