@@ -255,7 +255,9 @@ def knn_radii(x, k: int = 3, block_size: int = 4096, device=None, progress: bool
     nb = len(_self_blocks(t.shape[0], block_size))
     with _Highest(), torch.no_grad(), tqdm(total=nb * (nb + 1) // 2, desc="k-NN radii", disable=not progress) as bar:
         rad2 = _knn_sq(_Centring(t, _mean(t, block_size, "x"), block_size, "x"), k, block_size, bar)
-    return rad2.sqrt().cpu().numpy()
+    # numpy's sqrt is correctly rounded; torch's vectorised float64 sqrt is not always (sqrt(2) comes
+    # out 1 ulp low with torch 2.14 on x86-64)
+    return np.sqrt(rad2.cpu().numpy())
 
 
 def _check_k_block(k, block_size):
