@@ -283,7 +283,7 @@ def train(run_config: RunConfig | None, out_dir: str | os.PathLike, resume: str 
 def _train(run_config, out: Path, resume, callback, progress, device) -> dict:
     from tqdm.auto import tqdm
 
-    from iddpm_core.checkpoint import load_checkpoint
+    from iddpm_core.checkpoint import load_checkpoint, load_weights
     from iddpm_core.data import to_model_range
     from iddpm_core.diffusion import LossSecondMomentSampler, build_diffusion, create_sampler
     from iddpm_core.models import build_model
@@ -325,7 +325,7 @@ def _train(run_config, out: Path, resume, callback, progress, device) -> dict:
     step, images_seen, train_flops = 0, 0, 0
     if ckpt is not None:
         step = int(ckpt["step"])
-        model.load_state_dict(ckpt["model"])
+        load_weights(model, ckpt["model"], str(resume_path))
         optimizer.load_state_dict(ckpt["optimizer"])
         ema.load_state_dict({"shadows": ckpt["ema"], "num_updates": ckpt.get("ema_num_updates", step)})
         sampler.load_state_dict(ckpt["sampler_state"])

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iddpm_core.io import save_npz
+from iddpm_core.io import open_npz, save_npz
 
 
 class StatsError(ValueError):
@@ -156,7 +156,7 @@ def load_stats(path: str | os.PathLike) -> FeatureStats:
     keys = npz_keys(path)
     if not {"mu", "sigma"} <= keys:
         raise StatsError(f"{path}: no 'mu' and 'sigma' arrays (has {sorted(keys)})")
-    with np.load(path, allow_pickle=False) as z:
+    with open_npz(path, StatsError) as z:
         ours = "fingerprint" in keys
         origin = "iddpm" if ours else ("adm" if "arr_0" in keys else "mu/sigma file (pytorch-fid, clean-fid)")
         count = int(z["count"]) if "count" in keys else None
@@ -187,7 +187,7 @@ def load_features(path: str | os.PathLike) -> FeatureFile:
     key = "pool" if "pool" in keys else "feats" if "feats" in keys else None
     if key is None:
         raise StatsError(f"{path}: no 'pool' or 'feats' features array (has {sorted(keys)})")
-    with np.load(path, allow_pickle=False) as z:
+    with open_npz(path, StatsError) as z:
         pool = z[key]
         spatial = z["spatial"] if "spatial" in keys else None
         meta = dict(mode=_str(z, "mode"), weights_sha256=_str(z, "weights_sha256"),
