@@ -50,10 +50,11 @@ def quantize(x: torch.Tensor, mode: str = "round") -> np.ndarray:
 
 
 def respacing_for(steps: int | None, sampler: str, total: int) -> str:
-    """Respacing spec for ``steps`` sampling steps: "K" for ddpm, "ddimK" for ddim, "" = all."""
+    """Respacing spec for ``steps`` sampling steps: "K" for ddpm, "ddimK" for ddim, "" = all (None);
+    0 steps is refused, not read as the full chain."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    if steps is None or steps == 0:
+    if steps is None:
         return ""
     if not 1 <= int(steps) <= total:
         raise ValueError(f"steps must lie in [1, {total}] (the model was trained with {total} steps), got {steps}")
