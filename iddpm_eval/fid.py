@@ -198,6 +198,7 @@ def compare(a: str, b: str, *, mode: str = "legacy-tf", weights: str | None = No
     sides = []
     resolved = [sources.resolve(spec, num=num, seed=seed, batch_size=batch_size, sample_steps=sample_steps,
                                 sampler=sampler, device=device) for spec in (a, b)]  # checked before extracting
+    sources.check_counts(resolved, num, k if pr else None, need_features=bool(kid or pr))
     for res in resolved:
         # KID and precision/recall need features from both sides; a statistics file still serves
         # plain FID, the other side's bootstrap, and is not re-saved by save_features.

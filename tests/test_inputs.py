@@ -296,3 +296,149 @@ def test_fid_of_identical_sets_is_exactly_zero():
     assert frechet_distance(mu, sigma, *stats_from_features(other)) > 0.1
     assert clamp_round_off(-1.0, 10.0) == -1.0  # beyond round-off: shown as it is, not hidden
     assert clamp_round_off(-1e-5, 10.0) == 0.0 and clamp_round_off(2.5, 10.0) == 2.5
+
+
+# ----------------------------------------------------------------------------- messages
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A one-step digits run (8x8x1, channel_mult 1,2, attention at 4 px) with its checkpoint."""
+    from iddpm_core.cli import train_main
+
+    out = tmp_path_factory.mktemp("run") / "run"
+    r = CliRunner().invoke(train_main, ["run", "--out", str(out), "--data", "digits", "--base-channels", "8",
+                                        "--channel-mult", "1,2", "--num-heads", "1", "--diffusion-steps", "10",
+                                        "--batch-size", "2", "--steps", "1", "--sample-interval", "0",
+                                        "--sample-num", "2", "--sample-steps", "2", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def _train(*args):
+    from iddpm_core.cli import train_main
+
+    return CliRunner().invoke(train_main, ["run", *[str(a) for a in args]])
+
+
+SMALL = ("--data", "digits", "--base-channels", "8", "--channel-mult", "1,2", "--num-heads", "1",
+         "--diffusion-steps", "10", "--batch-size", "2", "--sample-interval", "0", "--sample-num", "2",
+         "--sample-steps", "2", "--no-progress")
+
+
+@pytest.mark.parametrize("flag,value", [("--channel-mult", "a,b"), ("--attention-resolutions", "16,x"),
+                                        ("--ema-rates", "0.9,fast"), ("--num-classes", "ten")])
+def test_bad_list_flag_is_named(tmp_path, flag, value):
+    out = _cli_error(_train("--out", tmp_path / "r", flag, value, "--steps", "1"), flag, repr(value), code=2)
+    assert "invalid literal" not in out
+    assert not (tmp_path / "r").exists()
+
+
+def test_resuming_with_other_model_flags_names_the_settings(tmp_path, run_dir):
+    ckpt = run_dir / "checkpoints" / "latest.pt"
+    # one level fewer: the stored attention at 4 px is no level of the given model; name the flag instead
+    out = _cli_error(_train("--out", tmp_path / "r", "--resume", ckpt, "--channel-mult", "1", "--base-channels", "16",
+                            "--steps", "2"),
+                     "model.channel_mult (checkpoint [1, 2], given [1])", "model.base_channels (checkpoint 8, given 16)",
+                     code=2)
+    assert "attention resolution" not in out
+    # flags equal to the stored values, and resumable ones, are accepted
+    r = _train("--out", tmp_path / "r", "--resume", ckpt, "--channel-mult", "1,2", "--steps", "2", "--no-progress")
+    assert r.exit_code == 0, r.output
+
+
+def test_invalid_train_config_is_prefixed_once(tmp_path):
+    out = _cli_error(_train("--out", tmp_path / "r", *SMALL, "--log-interval", "0"), "log_interval must be >= 1",
+                     code=2)
+    assert out.count("train config") <= 1, out
+    (tmp_path / "c.json").write_text('{"train": {"batch_size": 0}}')
+    out = _cli_error(_train("--out", tmp_path / "r2", "--config", tmp_path / "c.json"),
+                     "c.json [train]: batch_size must be >= 1", code=2)
+    assert "train config" not in out
+
+
+def test_zero_steps_are_refused(tmp_path, run_dir):
+    from iddpm_core.cli import sample_main
+
+    _cli_error(_train("--out", tmp_path / "r", *SMALL, "--steps", "0"), "steps must be >= 1", code=2)
+    assert not (tmp_path / "r" / "checkpoints").exists()
+    r = CliRunner().invoke(sample_main, ["--checkpoint", str(run_dir / "checkpoints" / "latest.pt"), "--num", "2",
+                                         "--steps", "0", "--out", str(tmp_path / "s"), "--no-progress"])
+    _cli_error(r, "--steps", code=2)
+    assert not (tmp_path / "s" / "samples.npz").exists()
+    from iddpm_core.sample import respacing_for
+
+    with pytest.raises(ValueError, match=r"\[1, 10\]"):
+        respacing_for(0, "ddpm", 10)
+    assert respacing_for(None, "ddpm", 10) == ""
+
+
+def test_weights_that_do_not_fit_the_config_give_one_line(tmp_path, run_dir):
+    from iddpm_core.cli import sample_main
+
+    ckpt = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
+    ckpt["model_config"]["base_channels"] = 16  # the stored weights are for 8
+    bad_run = tmp_path / "bad"
+    (bad_run / "checkpoints").mkdir(parents=True)
+    torch.save(ckpt, bad_run / "checkpoints" / "latest.pt")
+    bad = bad_run / "checkpoints" / "latest.pt"
+    results = {"sample": CliRunner().invoke(sample_main, ["--checkpoint", str(bad), "--num", "2", "--out",
+                                                          str(tmp_path / "s"), "--no-progress"]),
+               "fid": _eval("fid", bad, "digits", "--num", "4"),
+               "resume": _train("--out", bad_run, "--resume", "auto", "--steps", "2", "--no-progress")}
+    for what, r in results.items():
+        out = _cli_error(r, "latest.pt", "do not fit", "another shape")
+        assert len([line for line in out.splitlines() if line.strip()]) <= 3, (what, out)
+
+
+def test_truncated_image_stops_training_before_a_run_folder_exists(tmp_path):
+    _images_into(tmp_path / "imgs", 5, 4)
+    raw = (tmp_path / "imgs" / "4.png").read_bytes()
+    (tmp_path / "imgs" / "4.png").write_bytes(raw[: len(raw) // 2])
+    args = [a if a != "digits" else tmp_path / "imgs" for a in SMALL]
+    _cli_error(_train("--out", tmp_path / "r", *args, "--steps", "3"), "4.png", code=2)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.fixture
+def extractors(monkeypatch):
+    """The cheap fake extractor; the list records every extractor made (made = feature work began)."""
+    from iddpm_eval import sources
+    from test_stats_fid import FakeExtractor
+
+    made = []
+    monkeypatch.setattr(sources, "make_extractor",
+                        lambda mode="legacy-tf", *a, **k: made.append(FakeExtractor()) or made[-1])
+    return made
+
+
+def test_num_larger_than_a_source_names_it_before_any_feature_work(tmp_path, extractors):
+    rng = np.random.default_rng(8)
+    np.savez(tmp_path / "big.npz", rng.integers(0, 256, (30, 8, 8, 3), dtype=np.uint8))
+    np.savez(tmp_path / "small.npz", rng.integers(0, 256, (10, 8, 8, 3), dtype=np.uint8))
+    _cli_error(_eval("fid", tmp_path / "big.npz", tmp_path / "small.npz", "--num", "20"),
+               "--num 20 is larger than the source", "small.npz (10 images)", code=1)
+    assert extractors == []
+    _cli_error(_eval("stats", tmp_path / "small.npz", "--num", "20", "-o", tmp_path / "s.npz"), "small.npz", code=1)
+
+
+def test_recall_k_too_large_is_refused_before_any_feature_work(tmp_path, extractors):
+    rng = np.random.default_rng(9)
+    np.savez(tmp_path / "real.npz", rng.integers(0, 256, (30, 8, 8, 3), dtype=np.uint8))
+    np.savez(tmp_path / "fake.npz", rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8))
+    _cli_error(_eval("recall", tmp_path / "real.npz", tmp_path / "fake.npz", "--k", "5"),
+               "fake.npz", "--k 5", "more than 5 images", code=1)
+    _cli_error(_eval("recall", tmp_path / "real.npz", tmp_path / "fake.npz", "--k", "3", "--num", "3"),
+               "real.npz", "--k 3", code=1)
+    assert extractors == []
+    r = _eval("recall", tmp_path / "real.npz", tmp_path / "fake.npz", "--k", "4", "--no-progress")
+    assert r.exit_code == 0, r.output
+
+
+def test_stats_output_must_be_readable_back(tmp_path, extractors):
+    np.savez(tmp_path / "imgs.npz", np.random.default_rng(10).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8))
+    _cli_error(_eval("stats", tmp_path / "imgs.npz", "-o", tmp_path / "ref"), "ref", ".npz", code=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs.npz"] and extractors == []
+    r = _eval("stats", tmp_path / "imgs.npz", "-o", tmp_path / "ref.npz", "--no-progress")
+    assert r.exit_code == 0, r.output
+    r = _eval("fid", tmp_path / "ref.npz", tmp_path / "imgs.npz", "--json")  # the file reads back
+    assert r.exit_code == 0 and '"fid": 0.0' in r.output, r.output
