@@ -152,6 +152,11 @@ def resolve(spec: str | os.PathLike, **options) -> Resolved:
     raise DataError(f"{spec}: no resolver accepts this source")
 
 
+def _stats_only(spec: str) -> StatsError:
+    return StatsError(f"{spec} holds statistics only; KID, precision/recall and --bootstrap need "
+                      "features (give images or a features .npz)")
+
+
 def check_counts(resolved: list[Resolved], num: int | None = None, k: int | None = None,
                  need_features: bool = False) -> None:
     """Checks that need no feature pass, run on every side before the first one: ``--num`` within
@@ -160,8 +165,7 @@ def check_counts(resolved: list[Resolved], num: int | None = None, k: int | None
     for res in resolved:
         if res.kind == "stats":
             if need_features:
-                raise StatsError(f"{res.spec} holds statistics only; KID, precision/recall and --bootstrap need "
-                                 "features (give images or a features .npz)")
+                raise _stats_only(res.spec)
             continue
         n = len(res.images) if res.kind == "images" else len(res.features.pool)
         if num is not None and num > n:
@@ -222,8 +226,7 @@ def measure(res: Resolved, extractor_fn: Callable[[], object], *, mode: str, nee
     if res.kind == "stats":
         st = res.stats
         if need_features:
-            raise StatsError(f"{res.spec} holds statistics only; KID, precision/recall and --bootstrap need "
-                             "features (give images or a features .npz)")
+            raise _stats_only(res.spec)
         if num is not None and st.count is not None and num != st.count:
             raise StatsError(f"{res.spec} holds statistics of {st.count} images; --num {num} cannot subsample them")
         if need_spatial and st.mu_s is None:
