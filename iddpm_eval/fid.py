@@ -50,7 +50,7 @@ ROUND_OFF = 1e-5  # relative to tr(sigma1) + tr(sigma2): far above sqrtm's round
 
 def clamp_round_off(value: float, trace_sum: float) -> float:
     """0.0 for a round-off negative ``value`` (>= -ROUND_OFF * ``trace_sum``), else ``value``."""
-    return 0.0 if -ROUND_OFF * abs(trace_sum) <= value < 0 else float(value)
+    return 0.0 if -ROUND_OFF * abs(trace_sum) <= value <= 0 else float(value)  # -0.0 too
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
