@@ -286,8 +286,9 @@ def test_fid_of_identical_sets_is_exactly_zero():
     feats = np.random.default_rng(0).random((50, 64))  # fewer images than dimensions: singular sqrtm
     mu, sigma = stats_from_features(feats)
     # the raw formula lands below zero by round-off here (about -3e-8, trace 5.3)
-    tr = 2 * np.trace(sigma)
-    raw = tr - 2 * np.trace(np.real(__import__("scipy").linalg.sqrtm(sigma @ sigma)))
+    from scipy import linalg
+
+    raw = 2 * np.trace(sigma) - 2 * np.trace(np.real(linalg.sqrtm(sigma @ sigma)))
     assert raw < 0
     for value in (frechet_distance(mu, sigma, mu, sigma), frechet_distance_eig(mu, sigma, mu, sigma),
                   fid_lowrank(feats, feats)):
