@@ -4,6 +4,7 @@ exactly once, with the same numbers (read back with TensorBoard's own EventAccum
 from __future__ import annotations
 
 import csv
+import time
 
 import pytest
 import torch
@@ -37,6 +38,13 @@ def _callback(kill_at=None):
     return cb
 
 
+def _next_second():
+    """TensorBoard reads event files in name order, and the name holds the creation time in whole
+    seconds and then a per-process counter (".9" sorts after ".10"): runs a second apart keep their order,
+    as real resumes do."""
+    time.sleep(1.05)
+
+
 def _read(out):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -66,9 +74,11 @@ def test_tensorboard_and_csvs_agree_after_two_kills_and_resumes(tmp_path):
     # run 1: checkpoint at step 3, killed at step 5 (steps 4-5 logged, then lost with the process)
     with pytest.raises(Killed):
         train(_config(), tmp_path, callback=_callback(kill_at=5), progress=False)
+    _next_second()
     # run 2: resumes from 3, checkpoint at 6, killed at step 8 before the final checkpoint
     with pytest.raises(Killed):
         train(_config(), tmp_path, resume="auto", callback=_callback(kill_at=8), progress=False)
+    _next_second()
     # run 3: resumes from 6 and finishes
     summary = train(_config(), tmp_path, resume="auto", callback=_callback(), progress=False)
     assert summary["step"] == 8
@@ -79,5 +89,6 @@ def test_fresh_run_after_a_kill_before_the_first_checkpoint_logs_each_step_once(
     with pytest.raises(Killed):
         train(_config(steps=4, save_interval=0), tmp_path, callback=_callback(kill_at=3), progress=False)
     assert not (tmp_path / "checkpoints" / "latest.pt").exists()
+    _next_second()
     train(_config(steps=4, save_interval=0), tmp_path, resume="auto", callback=_callback(), progress=False)
     _assert_agree(tmp_path, [1, 2, 3, 4])
