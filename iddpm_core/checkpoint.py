@@ -25,6 +25,34 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, model_config: Mod
                 **extra}, path)
 
 
+def torch_load_reason(exc: BaseException) -> str:
+    """One line saying why ``torch.load`` refused a file: the first sentence of torch's reason,
+    without its advice to retry with ``weights_only=False`` (which would run the file's code)."""
+    paragraphs = [" ".join(p.split()) for p in str(exc).split("\n\n")]
+    # torch's weights-only refusal wraps the reason in paragraphs of advice that all name weights_only
+    reason = [p for p in paragraphs if p and "weights_only" not in p and "torch.load" not in p]
+    text = (reason or paragraphs or [""])[0]
+    first = text.split(". ", 1)[0].rstrip(".")
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def load_weights(model: nn.Module, state: dict, where: str) -> None:
+    """``model.load_state_dict(state)``, refused in one line naming ``where`` and the first
+    mismatches (missing, unexpected, other shapes) when the weights do not fit the model."""
+    own = model.state_dict()
+    if not isinstance(state, dict):
+        raise ValueError(f"{where}: weights are a {type(state).__name__}, not a state dict")
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(getattr(state[k], 'shape', ()))} vs {tuple(own[k].shape)}" for k in own
+              if k in state and tuple(getattr(state[k], "shape", ())) != tuple(own[k].shape)]
+    parts = [f"{len(v)} {what} (first: {v[0]})" for what, v in
+             (("with another shape, stored vs model", shapes), ("missing", missing), ("unexpected", unexpected)) if v]
+    if parts:
+        raise ValueError(f"{where}: stored weights do not fit the stored model config: {'; '.join(parts)}")
+    model.load_state_dict(state)
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
                     weights_only: bool = True) -> dict:
     """Read a checkpoint written by :func:`save_checkpoint`; clear errors for missing or unreadable files.
@@ -38,7 +66,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as e:  # torch raises several types for truncated or foreign files
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+        raise ValueError(f"{path}: not a readable checkpoint ({torch_load_reason(e)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path}: not an {FORMAT} file (no 'format': '{FORMAT}' entry)")
     if ckpt.get("version") != VERSION:
@@ -56,9 +84,9 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     try:
         config = ModelConfig.from_dict(ckpt["model_config"])
         model = build_model(config)
-        model.load_state_dict(ckpt["model"])
     except (ValueError, TypeError, RuntimeError) as e:
         raise ValueError(f"{path}: stored model does not load ({e})") from e
+    load_weights(model, ckpt["model"], str(path))
     if isinstance(map_location, (str, torch.device)):
         model.to(map_location)
     model.eval()

@@ -27,6 +27,22 @@ def _opt_int(s):
     return None if str(s).lower() in ("", "none", "0") else int(s)
 
 
+_EXPECTED = {_ints: "comma-separated integers such as 1,2,2", _opt_ints: "comma-separated integers such as 1,2,2",
+             _floats: "comma-separated numbers such as 0.9999", _opt_int: "an integer or 'none'",
+             int: "an integer", float: "a number"}
+
+
+def _convert(name: str, value, conv):
+    """A flag's value converted for the config; a bad value is refused naming the flag."""
+    if value is None or isinstance(value, bool):
+        return value
+    try:
+        return conv(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not {_EXPECTED.get(conv, 'a valid value')}",
+                                 param_hint=f"--{name.replace('_', '-')}") from None
+
+
 FLAGS = {
     # model
     "model_kind": ("model", "kind", str), "image_size": ("model", "image_size", int),
@@ -119,7 +135,7 @@ def run(ctx, config_file, out_dir, resume, progress, **flags):
     from pathlib import Path
 
     from iddpm_core.config import RunConfig
-    from iddpm_core.train import ResumeError, complete_model_config, load_run_config, train
+    from iddpm_core.train import ResumeError, check_resume_changes, complete_model_config, load_run_config, train
 
     explicit = {k for k in flags if ctx.get_parameter_source(k) in (ParameterSource.COMMANDLINE,
                                                                     ParameterSource.ENVIRONMENT)}
@@ -145,10 +161,14 @@ def run(ctx, config_file, out_dir, resume, progress, **flags):
                         use.discard(k)
             else:
                 use = explicit
+        given = {"model": {}, "diffusion": {}, "train": {}}
         for name in use:
             section, field, conv = FLAGS[name]
-            value = flags[name]
-            base[section][field] = value if value is None or isinstance(value, bool) else conv(value)
+            given[section][field] = _convert(name, flags[name], conv)
+        if resume_ckpt is not None:  # before the merged config is validated, so the message names the flags
+            check_resume_changes(base, given)
+        for section, fields in given.items():
+            base[section].update(fields)
         if resume_ckpt is None:
             complete_model_config(base)
         config = RunConfig.from_dict(base, where="command line")
@@ -172,7 +192,8 @@ def run(ctx, config_file, out_dir, resume, progress, **flags):
 @click.option("--num", "--num-samples", "num", type=int, required=True,
               help="Number of images (--num-samples is the same flag; use it under torchrun, whose own "
                    "parser mistakes --num for an abbreviation of --numa-binding).")
-@click.option("--steps", type=int, default=None, help="Sampling steps (respaced chain; default: all T).")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Sampling steps (respaced chain; default: all T).")
 @click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm", show_default=True)
 @click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM eta.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))

@@ -70,9 +70,9 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        def need(cond, msg):
+        def need(cond, msg):  # the caller (from_dict) adds where the config came from
             if not cond:
-                raise ValueError(f"train config: {msg}")
+                raise ValueError(msg)
 
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.microbatch >= 0, f"microbatch must be >= 0 (0 = whole batch), got {self.microbatch}")
@@ -84,11 +84,15 @@ class TrainConfig:
         need(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         need(self.timestep_sampler in SAMPLERS,
              f"timestep_sampler must be one of {SAMPLERS}, got {self.timestep_sampler!r}")
-        need(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
+        need(self.steps >= 1, f"steps must be >= 1 (training steps in total), got {self.steps}")
         for name in ("log_interval", "sample_interval", "save_interval"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.log_interval >= 1, f"log_interval must be >= 1, got {self.log_interval}")
         need(self.sample_num >= 1, f"sample_num must be >= 1, got {self.sample_num}")
+        spec = str(self.sample_steps)
+        k = spec[4:] if spec.startswith("ddim") else spec
+        need(spec == "" or (k.isdigit() and int(k) >= 1),
+             f"sample_steps must be '' (the full chain), K or 'ddimK' with K >= 1, got {self.sample_steps!r}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -12,6 +12,14 @@ turns a short spec (``fashion-mnist:train``, ``digits``, a folder, an ``.npz``) 
 Rules for folders: every image must have the same height and width; a folder with mixed sizes is
 refused (like torch-fidelity, which cannot batch them; resize them yourself so the resize is a
 choice you record). Images are RGB (C = 3) unless every file is grayscale (C = 1); alpha is dropped.
+16-bit PNGs become 8 bits by their high byte (v >> 8: what Pillow does for 16-bit colour PNGs and
+libpng's ``strip_16``), so a 16-bit copy of 8-bit images (v * 257) reads back as the same bytes.
+Every image is decoded once when the folder is opened (``verify=True``), so a corrupt or truncated
+file, or a subfolder that cannot be listed, is refused, naming it, before any work starts.
+
+CIFAR-10 batches are pickles; they are read by an unpickler that builds only what the format holds
+(dicts, lists, strings, numbers, numpy arrays) and refuses anything else, so a crafted batch cannot
+run code.
 
 Models see ``to_model_range(images)``: float32 NCHW in [-1, 1] (x / 127.5 - 1);
 :class:`TorchImageDataset` wraps a source for a torch DataLoader, with optional random flips.
@@ -28,6 +36,8 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+
+from iddpm_core.io import open_npz
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
@@ -129,36 +139,77 @@ def check_images(images: np.ndarray, name: str) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- folder
 
+# Pillow modes of 16-bit grayscale PNGs (older Pillow versions give "I"); Pillow's convert("L")
+# clips them at 255, which turns them into black and white.
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+GRAY_MODES = ("1", "L", "F") + SIXTEEN_BIT_MODES
+
+
+def _decode(im, path: Path, channels: int) -> np.ndarray:
+    """A PIL image -> uint8 HxW (``channels`` 1) or HxWx3, 16-bit grayscale scaled by v >> 8."""
+    if im.mode in SIXTEEN_BIT_MODES:
+        raw = np.asarray(im)
+        if raw.size and (raw.min() < 0 or raw.max() > 65535):
+            raise DataError(f"{path}: {im.mode} image has values outside 0..65535; only 8- and 16-bit images "
+                            "are read")
+        gray = (raw.astype(np.int64) >> 8).astype(np.uint8)
+        return gray if channels == 1 else np.repeat(gray[..., None], 3, axis=-1)
+    return np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+
+
 def _read_image_file(path: Path, channels: int) -> np.ndarray:
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
-            arr = np.asarray(im, dtype=np.uint8)
+            arr = _decode(im, path, channels)
+    except DataError:
+        raise
     except Exception as exc:  # PIL raises many types for corrupt files
         raise DataError(f"cannot read image {path}: {exc}") from exc
     return arr[..., None] if channels == 1 else arr
 
 
+def list_image_files(root: Path) -> list[Path]:
+    """Image files (by extension) under ``root``, recursively, following folder links once, sorted.
+    A folder that cannot be listed (permissions, I/O error) is refused, naming it and the reason."""
+    def fail(exc: OSError):
+        where = exc.filename or root
+        raise DataError(f"cannot list folder {where}: {exc.strerror or exc}") from exc
+
+    found, seen = [], set()
+    for folder, dirs, names in os.walk(root, onerror=fail, followlinks=True):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:  # a link back to a folder already walked
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs.sort()
+        for name in names:
+            p = Path(folder) / name
+            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
+                found.append(p)
+    return sorted(found)
+
+
 class FolderSource(ImageSource):
     """Images found recursively under a folder, in sorted path order.
 
-    Headers of every file are read once at construction (size and mode), so unreadable files,
-    an empty folder and mixed sizes fail early. With ``class_from_prefix`` the label is the
+    Every file is decoded once at construction (``verify=True``; with False only the headers are
+    read), so unreadable, corrupt or truncated files, folders that cannot be listed, an empty folder
+    and mixed sizes fail before any work starts. With ``class_from_prefix`` the label is the
     file-name prefix before the first ``_`` (integer prefixes keep their value; other prefixes
     are numbered in sorted order, see ``class_names``).
     """
 
-    def __init__(self, root: str | os.PathLike, class_from_prefix: bool = False):
+    def __init__(self, root: str | os.PathLike, class_from_prefix: bool = False, verify: bool = True):
         from PIL import Image
 
         self.root = Path(root)
         self.name = str(self.root)
         if not self.root.is_dir():
             raise DataError(f"{self.root}: not a folder")
-        self.files = sorted(p for p in self.root.rglob("*")
-                            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        self.files = list_image_files(self.root)
         if not self.files:
             raise DataError(f"{self.root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)} recursively)")
         sizes, gray = {}, True
@@ -166,10 +217,12 @@ class FolderSource(ImageSource):
             try:
                 with Image.open(p) as im:
                     size, mode = im.size, im.mode
+                    if verify:
+                        im.load()  # decodes every pixel: a truncated file fails here
             except Exception as exc:
                 raise DataError(f"cannot read image {p}: {exc}") from exc
             sizes.setdefault(size, p)
-            gray = gray and mode in ("1", "L", "I", "I;16", "F")
+            gray = gray and mode in GRAY_MODES
         if len(sizes) > 1:
             examples = "; ".join(f"{p} is {w}x{h}" for (w, h), p in list(sizes.items())[:3])
             raise DataError(f"{self.root}: images have {len(sizes)} different sizes ({examples}); "
@@ -273,7 +326,7 @@ class NpzSource(ImageSource):
         self.labels = np.full(self.n, NO_LABEL, np.int64)
         for lk in self.LABEL_KEYS:
             if lk in members:
-                with np.load(self.path) as z:
+                with open_npz(self.path, DataError) as z:
                     lab = z[lk]
                 if lab.shape == (self.n,) and np.issubdtype(lab.dtype, np.integer):
                     self.labels, self.has_labels = lab.astype(np.int64), True
@@ -370,6 +423,77 @@ def digits() -> ArraySource:
 
 # ----------------------------------------------------------------------------- CIFAR-10
 
+def _latin1_bytes(text, encoding):
+    """``_codecs.encode`` as Python 3 protocol-2 pickles use it for bytes (latin-1 only)."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode({type(text).__name__}, {encoding!r}) is not bytes data")
+    return text.encode("latin-1")
+
+
+def _plain_dtype(*args):
+    dtype = np.dtype(*args)
+    if dtype.hasobject:
+        raise pickle.UnpicklingError(f"dtype {dtype} holds Python objects")
+    return dtype
+
+
+def _cifar_globals() -> dict:
+    """The only globals a CIFAR-10 python batch refers to: numpy's array reconstruction (written by
+    Python 2's cPickle and by numpy 1.x/2.x under protocols 2-5) and protocol 2's bytes encoding."""
+    try:
+        from numpy._core import multiarray, numeric
+    except ImportError:  # numpy 1.x
+        from numpy.core import multiarray, numeric
+    out = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _plain_dtype,
+           ("_codecs", "encode"): _latin1_bytes}
+    for mod in ("numpy.core", "numpy._core"):
+        out[(f"{mod}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        out[(f"{mod}.numeric", "_frombuffer")] = numeric._frombuffer
+    return out
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Builds dicts, lists, strings, bytes, numbers and plain numpy arrays; any other global (a
+    function to call, a class to build) is refused, so a crafted batch cannot run code."""
+
+    allowed = None
+
+    def find_class(self, module, name):
+        if _CifarUnpickler.allowed is None:
+            _CifarUnpickler.allowed = _cifar_globals()
+        fn = _CifarUnpickler.allowed.get((module, name))
+        if fn is None:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR-10 batch never holds")
+        return fn
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("it holds persistent references, which a CIFAR-10 batch never holds")
+
+
+def read_cifar_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """``data`` [N, 3072] uint8 and ``labels`` [N] int64 of one CIFAR-10 python batch, read without
+    running code (see :class:`_CifarUnpickler`); anything else is refused, naming the file."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            d = _CifarUnpickler(fh, encoding="bytes").load()
+    except pickle.UnpicklingError as exc:
+        raise DataError(f"{path}: not a CIFAR-10 batch, refused without running it: {exc}") from None
+    except Exception as exc:  # truncated or foreign files raise many types
+        raise DataError(f"cannot read CIFAR-10 batch {path}: {type(exc).__name__}: {exc}") from None
+    if not isinstance(d, dict):
+        raise DataError(f"{path}: not a CIFAR-10 batch (a {type(d).__name__}, expected a dict)")
+    d = {k.decode("latin-1") if isinstance(k, bytes) else k: v for k, v in d.items()}
+    data, labels = d.get("data"), d.get("labels")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DataError(f"{path}: 'data' must be a uint8 array [N, 3072], got {got}")
+    labels = np.asarray(labels) if isinstance(labels, (list, tuple, np.ndarray)) else None
+    if labels is None or labels.shape != (len(data),) or (len(labels) and not np.issubdtype(labels.dtype, np.integer)):
+        raise DataError(f"{path}: 'labels' must be {len(data)} integers")
+    return data, labels.astype(np.int64)
+
+
 class Cifar10Source(ImageSource):
     """CIFAR-10 "python version" batches in a local folder (``data_batch_1..5`` for ``train``,
     ``test_batch`` for ``test``); each batch is a pickle with ``data`` [10000, 3072] uint8
@@ -397,16 +521,7 @@ class Cifar10Source(ImageSource):
     def _load(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self._cache is not None and self._cache[0] == k:
             return self._cache[1], self._cache[2]
-        path = self.files[k]
-        try:
-            with open(path, "rb") as fh:
-                d = pickle.load(fh, encoding="bytes")
-            data = np.asarray(d[b"data"], dtype=np.uint8)
-            labels = np.asarray(d[b"labels"], dtype=np.int64)
-        except Exception as exc:
-            raise DataError(f"cannot read CIFAR-10 batch {path}: {exc}") from exc
-        if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
-            raise DataError(f"{path}: expected data [N, 3072] and N labels, got {data.shape} and {labels.shape}")
+        data, labels = read_cifar_batch(self.files[k])
         images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
         self._cache = (k, images, labels)
         return images, labels

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Iterator
 
@@ -75,3 +76,61 @@ def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
         for block in iter(lambda: fh.read(chunk_size), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+class _NpzReader:
+    """``np.load(path, allow_pickle=False)`` whose item access names the file and the array when
+    it fails; an array of Python objects (dtype object) is refused, never unpickled."""
+
+    def __init__(self, path: Path, error: type[Exception]):
+        import numpy as np
+
+        self.path, self.error = path, error
+        self._z = np.load(path, allow_pickle=False)
+        self.files = self._z.files
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._z.files
+
+    def __getitem__(self, key: str):
+        try:
+            return self._z[key]
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+            dtype = self._member_dtype(key)
+            if dtype is not None and dtype.hasobject:
+                raise self.error(f"{self.path}: array '{key}' holds Python objects (dtype {dtype}); "
+                                 "refusing to unpickle it (a data file must not run code): save it as a "
+                                 "numeric or string array") from None
+            raise self.error(f"{self.path}: cannot read array '{key}': {exc}") from exc
+
+    def _member_dtype(self, key: str):
+        import numpy as np
+
+        try:
+            with zipfile.ZipFile(self.path) as zf, zf.open(key + ".npy") as fh:
+                version = np.lib.format.read_magic(fh)
+                read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0)
+                return read(fh)[2]
+        except Exception:  # the header itself is unreadable: the caller reports the original error
+            return None
+
+    def close(self) -> None:
+        self._z.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_npz(path: str | os.PathLike, error: type[Exception] = ValueError) -> _NpzReader:
+    """Open an ``.npz`` for reading arrays by name (``with open_npz(p) as z: z["mu"]``), never
+    unpickling: an object array, a truncated or corrupt member raises ``error`` naming the file
+    and the array."""
+    path = Path(path)
+    try:
+        return _NpzReader(path, error)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise error(f"cannot read {path} as .npz: {exc}") from exc

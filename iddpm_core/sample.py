@@ -50,10 +50,11 @@ def quantize(x: torch.Tensor, mode: str = "round") -> np.ndarray:
 
 
 def respacing_for(steps: int | None, sampler: str, total: int) -> str:
-    """Respacing spec for ``steps`` sampling steps: "K" for ddpm, "ddimK" for ddim, "" = all."""
+    """Respacing spec for ``steps`` sampling steps: "K" for ddpm, "ddimK" for ddim, "" = all (None);
+    0 steps is refused, not read as the full chain."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    if steps is None or steps == 0:
+    if steps is None:
         return ""
     if not 1 <= int(steps) <= total:
         raise ValueError(f"steps must lie in [1, {total}] (the model was trained with {total} steps), got {steps}")
@@ -79,7 +80,7 @@ def load_for_sampling(path: str | os.PathLike, ema_rate: float | str | None = No
                       device: str | torch.device = "cpu") -> SamplingModel:
     """Load a training checkpoint for sampling. ``ema_rate``: None = the first EMA rate of the run
     (the raw weights when the run kept no EMA), a rate such as 0.9999, or "raw" for the raw weights."""
-    from iddpm_core.checkpoint import load_checkpoint
+    from iddpm_core.checkpoint import load_checkpoint, load_weights
     from iddpm_core.diffusion import DiffusionConfig
     from iddpm_core.ema import rate_key
     from iddpm_core.models import ModelConfig, build_model
@@ -104,10 +105,7 @@ def load_for_sampling(path: str | os.PathLike, ema_rate: float | str | None = No
         if key not in emas:
             raise ValueError(f"{path}: no EMA with rate {ema_rate}; it holds {list(emas) or 'none'} (or use 'raw')")
         state, rate = emas[key], float(key)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ValueError(f"{path}: stored weights do not fit the stored model config ({exc})") from exc
+    load_weights(model, state, f"{path}" + (f" (EMA {rate})" if rate is not None else ""))
     model.to(device).eval()
     return SamplingModel(model, model_config, diffusion_config, rate, ckpt.get("step"), str(path),
                          {"images_seen": ckpt.get("images_seen"), "train_flops": ckpt.get("train_flops")})

@@ -223,20 +223,31 @@ def _resolve_resume(resume, ckpt_dir: Path) -> Path | None:
     return path
 
 
+def _plain(v):
+    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def check_resume_changes(stored: dict, given: dict) -> None:
+    """Refuse, naming each setting with both values, every field of ``given`` ({section: {field:
+    value}}, possibly partial) that differs from the run-config dict ``stored`` of the checkpoint,
+    except the train fields in RESUMABLE_FIELDS."""
+    diffs = []
+    for section in ("model", "diffusion", "train"):
+        for k, v in sorted((given.get(section) or {}).items()):
+            old = (stored.get(section) or {}).get(k)
+            if not (section == "train" and k in RESUMABLE_FIELDS) and _plain(old) != _plain(v):
+                diffs.append(f"{section}.{k} (checkpoint {_plain(old)!r}, given {_plain(v)!r})")
+    if diffs:
+        raise ResumeError(f"cannot resume with a different config: {', '.join(diffs)} differ from the "
+                          f"checkpoint (only train.{', train.'.join(RESUMABLE_FIELDS)} may change)")
+
+
 def merge_resume_config(stored: RunConfig, given: RunConfig | None) -> RunConfig:
     """The config of a resumed run: the stored one, with the given train fields in RESUMABLE_FIELDS.
     Any other difference is refused, naming the fields."""
     if given is None:
         return stored
-    diffs = []
-    for section in ("model", "diffusion"):
-        a, b = getattr(stored, section).to_dict(), getattr(given, section).to_dict()
-        diffs += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    a, b = stored.train.to_dict(), given.train.to_dict()
-    diffs += [f"train.{k}" for k in sorted(a) if k not in RESUMABLE_FIELDS and a.get(k) != b.get(k)]
-    if diffs:
-        raise ResumeError(f"cannot resume with a different config: {', '.join(diffs)} differ from the "
-                          f"checkpoint (only train.{', train.'.join(RESUMABLE_FIELDS)} may change)")
+    check_resume_changes(stored.to_dict(), given.to_dict())
     merged = copy.deepcopy(stored)
     for k in RESUMABLE_FIELDS:
         setattr(merged.train, k, getattr(given.train, k))
@@ -283,7 +294,7 @@ def train(run_config: RunConfig | None, out_dir: str | os.PathLike, resume: str 
 def _train(run_config, out: Path, resume, callback, progress, device) -> dict:
     from tqdm.auto import tqdm
 
-    from iddpm_core.checkpoint import load_checkpoint
+    from iddpm_core.checkpoint import load_checkpoint, load_weights
     from iddpm_core.data import to_model_range
     from iddpm_core.diffusion import LossSecondMomentSampler, build_diffusion, create_sampler
     from iddpm_core.models import build_model
@@ -325,7 +336,7 @@ def _train(run_config, out: Path, resume, callback, progress, device) -> dict:
     step, images_seen, train_flops = 0, 0, 0
     if ckpt is not None:
         step = int(ckpt["step"])
-        model.load_state_dict(ckpt["model"])
+        load_weights(model, ckpt["model"], str(resume_path))
         optimizer.load_state_dict(ckpt["optimizer"])
         ema.load_state_dict({"shadows": ckpt["ema"], "num_updates": ckpt.get("ema_num_updates", step)})
         sampler.load_state_dict(ckpt["sampler_state"])
@@ -352,8 +363,12 @@ def _train(run_config, out: Path, resume, callback, progress, device) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         run_config.save(out / "run_config.json")
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(out / "tb"), purge_step=resume_step)
+        # TensorBoard keeps what metrics.csv keeps: the points up to the resumed step (its own point
+        # included); later ones, logged after the checkpoint by a run that was killed, are purged. A
+        # fresh run purges everything an earlier attempt logged before it was killed without a checkpoint.
+        writer = SummaryWriter(str(out / "tb"), purge_step=0 if resume_step is None else resume_step + 1)
         csv_log = _MetricsCSV(out / "metrics.csv", resume_step)
+        _trim_callback_csv(out / "callback_metrics.csv", resume_step)
 
     def save(step_done: int, periodic: bool) -> Path:
         states = _to_safe(dist_utils.all_gather_object(rng_state()))
@@ -495,6 +510,18 @@ def _train(run_config, out: Path, resume, callback, progress, device) -> dict:
     if rank == 0:
         write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     return summary
+
+
+def _trim_callback_csv(path: Path, resume_step: int | None) -> None:
+    """callback_metrics.csv as TensorBoard will show it: rows up to ``resume_step``; none for a fresh run."""
+    if not path.exists():
+        return
+    if resume_step is None:
+        path.unlink()
+        return
+    lines = path.read_text().splitlines()
+    keep = [line for line in lines[1:] if line.split(",", 1)[0].isdigit() and int(line.split(",", 1)[0]) <= resume_step]
+    write_text(path, "\n".join(lines[:1] + keep) + "\n")
 
 
 def _log_callback(out: Path, writer, step: int, values: dict) -> None:

@@ -5,6 +5,11 @@ sigma1 @ sigma2, retried with 1e-6 * I added to both covariances when the square
 finite, real part taken (a large imaginary part is an error). ``frechet_distance_eig`` is the
 independent cross-check: tr sqrt(sigma1 sigma2) = sum of sqrt(eigenvalues of
 sqrt(sigma1) sigma2 sqrt(sigma1)), a symmetric PSD matrix, via ``eigh``.
+
+The distance is never negative, but round-off can make it so (-7e-5 was seen for two identical
+sets of Inception features): a value in [-1e-5 * (tr sigma1 + tr sigma2), 0) is returned as 0
+(see :func:`clamp_round_off`); a more negative value, a sign of broken statistics, is returned as
+it is.
 """
 
 from __future__ import annotations
@@ -40,6 +45,14 @@ def _sqrtm(m: np.ndarray) -> np.ndarray:
     return out[0] if isinstance(out, tuple) else out  # scipy returns a bare array for 1x1 input
 
 
+ROUND_OFF = 1e-5  # relative to tr(sigma1) + tr(sigma2): far above sqrtm's round-off, far below any real FID
+
+
+def clamp_round_off(value: float, trace_sum: float) -> float:
+    """0.0 for a round-off negative ``value`` (>= -ROUND_OFF * ``trace_sum``), else ``value``."""
+    return 0.0 if -ROUND_OFF * abs(trace_sum) <= value <= 0 else float(value)  # -0.0 too
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)), float64."""
     mu1, sigma1, mu2, sigma2 = _checked(mu1, sigma1, mu2, sigma2)
@@ -52,7 +65,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise FIDError(f"matrix square root has a large imaginary part ({np.abs(covmean.imag).max():.3g})")
         covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    traces = np.trace(sigma1) + np.trace(sigma2)
+    return clamp_round_off(diff @ diff + traces - 2 * np.trace(covmean), traces)
 
 
 def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
@@ -68,7 +82,8 @@ def frechet_distance_eig(mu1, sigma1, mu2, sigma2) -> float:
     m = s1 @ sigma2 @ s1
     w = np.linalg.eigvalsh((m + m.T) / 2)
     tr_covmean = np.sqrt(np.clip(w, 0, None)).sum()
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    traces = np.trace(sigma1) + np.trace(sigma2)
+    return clamp_round_off(diff @ diff + traces - 2 * tr_covmean, traces)
 
 
 def fid_lowrank(feats1: np.ndarray, feats2: np.ndarray) -> float:
@@ -89,7 +104,7 @@ def fid_lowrank(feats1: np.ndarray, feats2: np.ndarray) -> float:
     tr1, tr2 = (a1 * a1).sum() / (n1 - 1), (a2 * a2).sum() / (n2 - 1)
     nuclear = np.linalg.svd(a1 @ a2.T, compute_uv=False).sum() / np.sqrt((n1 - 1) * (n2 - 1))
     diff = mu1 - mu2
-    return float(diff @ diff + tr1 + tr2 - 2 * nuclear)
+    return clamp_round_off(diff @ diff + tr1 + tr2 - 2 * nuclear, tr1 + tr2)
 
 
 def fid_from_features(feats1: np.ndarray, feats2: np.ndarray) -> float:
@@ -183,6 +198,7 @@ def compare(a: str, b: str, *, mode: str = "legacy-tf", weights: str | None = No
     sides = []
     resolved = [sources.resolve(spec, num=num, seed=seed, batch_size=batch_size, sample_steps=sample_steps,
                                 sampler=sampler, device=device) for spec in (a, b)]  # checked before extracting
+    sources.check_counts(resolved, num, k if pr else None, need_features=bool(kid or pr))
     for res in resolved:
         # KID and precision/recall need features from both sides; a statistics file still serves
         # plain FID, the other side's bootstrap, and is not re-saved by save_features.

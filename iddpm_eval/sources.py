@@ -152,6 +152,30 @@ def resolve(spec: str | os.PathLike, **options) -> Resolved:
     raise DataError(f"{spec}: no resolver accepts this source")
 
 
+def _stats_only(spec: str) -> StatsError:
+    return StatsError(f"{spec} holds statistics only; KID, precision/recall and --bootstrap need "
+                      "features (give images or a features .npz)")
+
+
+def check_counts(resolved: list[Resolved], num: int | None = None, k: int | None = None,
+                 need_features: bool = False) -> None:
+    """Checks that need no feature pass, run on every side before the first one: ``--num`` within
+    each source, features where KID or precision/recall need them, and more than ``k`` images per
+    side for k-nearest-neighbour radii. Errors name the source."""
+    for res in resolved:
+        if res.kind == "stats":
+            if need_features:
+                raise _stats_only(res.spec)
+            continue
+        n = len(res.images) if res.kind == "images" else len(res.features.pool)
+        if num is not None and num > n:
+            raise StatsError(f"--num {num} is larger than the source {res.spec} ({n} images)")
+        used = n if num is None else num
+        if k is not None and used <= k:
+            raise StatsError(f"{res.spec}: precision/recall with --k {k} needs more than {k} images, "
+                             f"it has {used}")
+
+
 def make_extractor(mode: str = "legacy-tf", weights: str | None = None, batch_size: int = 64,
                    sfid: bool = False, device: str | None = None):
     """The Inception extractor (imported lazily, so runs on cached statistics need no torch model)."""
@@ -202,8 +226,7 @@ def measure(res: Resolved, extractor_fn: Callable[[], object], *, mode: str, nee
     if res.kind == "stats":
         st = res.stats
         if need_features:
-            raise StatsError(f"{res.spec} holds statistics only; KID, precision/recall and --bootstrap need "
-                             "features (give images or a features .npz)")
+            raise _stats_only(res.spec)
         if num is not None and st.count is not None and num != st.count:
             raise StatsError(f"{res.spec} holds statistics of {st.count} images; --num {num} cannot subsample them")
         if need_spatial and st.mu_s is None:
@@ -217,7 +240,7 @@ def measure(res: Resolved, extractor_fn: Callable[[], object], *, mode: str, nee
         _check_mode(res.spec, ff.mode, mode)
         if need_spatial and ff.spatial is None:
             raise StatsError(f"{res.spec} has no spatial features for sFID")
-        idx = choose_indices(len(ff.pool), num, seed)
+        idx = choose_indices(len(ff.pool), num, seed, res.spec)
         pool = ff.pool if idx is None else ff.pool[idx]
         spatial = None if ff.spatial is None else (ff.spatial if idx is None else ff.spatial[idx])
         mu, sigma = stats_from_features(pool, res.spec)

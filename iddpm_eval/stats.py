@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iddpm_core.io import save_npz
+from iddpm_core.io import open_npz, save_npz
 
 
 class StatsError(ValueError):
@@ -156,7 +156,7 @@ def load_stats(path: str | os.PathLike) -> FeatureStats:
     keys = npz_keys(path)
     if not {"mu", "sigma"} <= keys:
         raise StatsError(f"{path}: no 'mu' and 'sigma' arrays (has {sorted(keys)})")
-    with np.load(path, allow_pickle=False) as z:
+    with open_npz(path, StatsError) as z:
         ours = "fingerprint" in keys
         origin = "iddpm" if ours else ("adm" if "arr_0" in keys else "mu/sigma file (pytorch-fid, clean-fid)")
         count = int(z["count"]) if "count" in keys else None
@@ -187,7 +187,7 @@ def load_features(path: str | os.PathLike) -> FeatureFile:
     key = "pool" if "pool" in keys else "feats" if "feats" in keys else None
     if key is None:
         raise StatsError(f"{path}: no 'pool' or 'feats' features array (has {sorted(keys)})")
-    with np.load(path, allow_pickle=False) as z:
+    with open_npz(path, StatsError) as z:
         pool = z[key]
         spatial = z["spatial"] if "spatial" in keys else None
         meta = dict(mode=_str(z, "mode"), weights_sha256=_str(z, "weights_sha256"),
@@ -216,12 +216,13 @@ class Extraction:
     indices: np.ndarray | None = field(default=None, repr=False)
 
 
-def choose_indices(n_total: int, num: int | None, seed: int | None) -> np.ndarray | None:
+def choose_indices(n_total: int, num: int | None, seed: int | None, name: str = "") -> np.ndarray | None:
     """All images (None) when ``num`` is None or covers the source; else ``num`` distinct indices
-    drawn with ``np.random.default_rng(seed)`` (seed None -> 0) and sorted, for sequential reads."""
+    drawn with ``np.random.default_rng(seed)`` (seed None -> 0) and sorted, for sequential reads.
+    ``name`` names the source in errors."""
     if num is None or num >= n_total:
         if num is not None and num > n_total:
-            raise StatsError(f"--num {num} is larger than the source ({n_total} images)")
+            raise StatsError(f"--num {num} is larger than the source{' ' + name if name else ''} ({n_total} images)")
         return None
     if num < 2:
         raise StatsError(f"--num must be at least 2, got {num}")
@@ -239,7 +240,7 @@ def extract(source, extractor, *, num: int | None = None, seed: int | None = Non
     """
     from tqdm.auto import tqdm
 
-    idx = choose_indices(len(source), num, seed)
+    idx = choose_indices(len(source), num, seed, source.name)
     total = len(source) if idx is None else len(idx)
     if total < 2:
         raise StatsError(f"{source.name}: needs at least 2 images for a covariance, has {total}")

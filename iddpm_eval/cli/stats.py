@@ -9,9 +9,17 @@ import click
 MODES = ("legacy-tf", "clean")  # iddpm_eval.preprocess.MODES, without importing torch for --help
 
 
+def _npz_name(ctx, param, value):
+    if value is not None and not str(value).endswith(".npz"):
+        raise click.BadParameter(f"{value!r} does not end in .npz; fid, recall and stats read statistics only "
+                                 "from .npz files")
+    return value
+
+
 @click.command("stats")
 @click.argument("source")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Statistics .npz to write.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), callback=_npz_name,
+              help="Statistics .npz to write (the name must end in .npz, as every command that reads it expects).")
 @click.option("--mode", type=click.Choice(list(MODES)), default="legacy-tf", show_default=True)
 @click.option("--num", type=click.IntRange(min=2), default=None, help="Use N images drawn with --seed; default all.")
 @click.option("--seed", type=int, default=0, show_default=True)
