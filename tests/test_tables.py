@@ -97,12 +97,17 @@ def _worker(args):
         append_results(path, [row(f"{who}", value=float(i))])
 
 
-def test_concurrent_appends_lose_nothing(tmp_path):
-    path = str(tmp_path / "r.csv")
+def _in_two_processes(worker, path: str, count: int) -> pd.DataFrame:
+    """Run ``worker((path, who, count))`` for who = p0, p1 in two processes at once; read the table."""
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(2) as pool:
-        pool.map(_worker, [(path, "p0", 12), (path, "p1", 12)])
-    df = read_results(path)
+        pool.map(worker, [(path, "p0", count), (path, "p1", count)])
+    return read_results(path)
+
+
+def test_concurrent_appends_lose_nothing(tmp_path):
+    path = str(tmp_path / "r.csv")
+    df = _in_two_processes(_worker, path, 12)
     assert len(df) == 24
     for who in ("p0", "p1"):
         assert df.loc[df["experiment"] == who, "value"].tolist() == [float(i) for i in range(12)]
@@ -394,10 +399,7 @@ def _replacing_worker(args):
 def test_concurrent_replacing_appends_keep_every_row_and_a_matching_parquet(tmp_path):
     pytest.importorskip("pyarrow")
     path = str(tmp_path / "r.csv")
-    ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(2) as pool:
-        pool.map(_replacing_worker, [(path, "p0", 8), (path, "p1", 8)])
-    df = read_results(path)
+    df = _in_two_processes(_replacing_worker, path, 8)
     assert len(df) == 32
     for who in ("p0", "p1"):
         mine = df[df["experiment"] == who]
