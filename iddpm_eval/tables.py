@@ -367,7 +367,8 @@ def _csv_frame(path: Path, data: bytes) -> pd.DataFrame:
                                  f"header has {len(header)} (a truncated or broken row); fix or delete that line")
             records.append(rec)
     except csv.Error as err:
-        raise ValueError(f"results table {path}: line {reader.line_num} cannot be parsed: {err}") from None
+        raise ValueError(f"results table {path}: line {reader.line_num} cannot be parsed ({err}: e.g. an unclosed "
+                         f"quote, a row truncated by a kill); fix or delete that line") from None
     return pd.DataFrame(records, columns=header, dtype=object)
 
 

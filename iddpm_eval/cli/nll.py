@@ -64,7 +64,11 @@ def nll(checkpoint, data, num, batch_size, exact_cdf, clip_denoised, estimate, p
         except ValueError:
             raise click.UsageError(f"--ema must be a rate such as 0.9999 or 'raw', got {ema!r}") from None
     check_results(results, experiment)
-    check_output(out_dir if out_dir is not None else default_out_dir(checkpoint, data, estimate), "--out", folder=True)
+    if out_dir is not None:
+        check_output(out_dir, "--out", folder=True)
+    else:
+        check_output(default_out_dir(checkpoint, data, estimate), "output folder (the default beside the checkpoint; "
+                     "choose another with --out)", folder=True)
     try:
         out = evaluate(checkpoint, data, out_dir=out_dir, num=num, batch_size=batch_size, seed=seed,
                        exact_cdf=exact_cdf, clip_denoised=clip_denoised, estimate=estimate, profile=profile,
