@@ -38,7 +38,8 @@ def host_tag() -> str:
     return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -61,7 +62,7 @@ def stale_temp(entry: Path, now: float | None = None) -> bool:
         return False
     if not stat.S_ISREG(st.st_mode):
         return False
-    if m is not None and m["host"] == host_tag() and not _pid_alive(int(m["pid"])):
+    if m is not None and m["host"] == host_tag() and not pid_alive(int(m["pid"])):
         return True
     return (now if now is not None else time.time()) - st.st_mtime > STALE_AGE_S
 
