@@ -276,7 +276,7 @@ def _write_parquet(path: Path) -> Path | None:
             pq.unlink()
         return None
     data = path.read_bytes()
-    df = _csv_frame(path, data)
+    df = _checked_frame(path, _csv_frame(path, data))  # typed as read_results gives it
     table = pa.Table.from_pandas(df, preserve_index=False)
     meta = dict(table.schema.metadata or {})
     meta[STAMP_KEY] = hashlib.sha256(data).hexdigest().encode()
@@ -411,6 +411,11 @@ def read_results(path: str | os.PathLike) -> pd.DataFrame:
         if isinstance(err, ValueError) and str(err).startswith("results table "):
             raise
         raise ValueError(f"results table {path}: cannot be parsed: {type(err).__name__}: {err}") from None
+    return _checked_frame(path, df)
+
+
+def _checked_frame(path: Path, df: pd.DataFrame) -> pd.DataFrame:
+    """Check the columns of a parsed table and type them (floats, nullable ints, None for empty text)."""
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"results table {path}: missing column(s) {missing}; "

@@ -425,7 +425,9 @@ def test_stale_parquet_copy_is_never_read(tmp_path, monkeypatch):
     assert read_results(path)["experiment"].tolist() == ["a", "b"]
     assert read_results(pq)["experiment"].tolist() == ["a", "b"]  # the CSV's content, not the stale copy
     assert tables._parquet_stamp(pq) == file_sha256(path)  # and the copy was regenerated
-    assert pd.read_parquet(pq)["experiment"].tolist() == ["a", "b"]
+    raw = pd.read_parquet(pq)  # what any Parquet reader sees: typed columns, not CSV text
+    assert raw["experiment"].tolist() == ["a", "b"] and str(raw["value"].dtype) == "float64"
+    assert str(raw["seed"].dtype) == "Int64" and raw["ci_low"].isna().all()
     # a hand edit of the CSV also makes the copy stale
     path.write_text(path.read_text().replace("\na,", "\nz,", 1))
     assert read_results(pq)["experiment"].tolist() == ["z", "b"]
