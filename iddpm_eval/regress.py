@@ -254,7 +254,8 @@ def _compare_pair(b: pd.Series, c: pd.Series, tol: Tolerance) -> tuple[str, floa
     if tol.ci:
         thr = noise_threshold(b, c)
         if thr > 0 and abs(d) <= thr * (1 + _ULPS):
-            return "ok", d, rel, allowed, f"beyond tolerance but within noise (|d| <= {thr:.4g} = z*sqrt(se_b^2+se_c^2))"
+            note = f"beyond tolerance but within noise (|d| <= {thr:.4g} = z*sqrt(se_b^2+se_c^2))"
+            return "ok", d, rel, allowed, note
     if tol.higher_is_better is not None and (d > 0) == tol.higher_is_better:
         return "improved", d, rel, allowed, ""
     return "REGRESSION", d, rel, allowed, ""

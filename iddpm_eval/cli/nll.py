@@ -101,6 +101,7 @@ def nll(checkpoint, data, num, batch_size, exact_cdf, clip_denoised, estimate, p
                 extra[k] = out[k]
         record(results, [result_row(
             experiment=experiment, metric="bpd" if not estimate else f"bpd_est{estimate}", value=out["bpd"],
-            ci_low=ci[0], ci_high=ci[1], n=out["n"], mode=out["cdf"], seed=seed, checkpoint_hash=out["checkpoint_sha256"],
+            ci_low=ci[0], ci_high=ci[1], n=out["n"], mode=out["cdf"], seed=seed,
+            checkpoint_hash=out["checkpoint_sha256"],
             config_hash=config_hash({k: out[k] for k in ("T", "cdf", "clip_denoised", "estimate", "data")}),
             extra=extra)])
