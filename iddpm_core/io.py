@@ -1,16 +1,99 @@
 """Atomic file writes: write to a temporary file beside the target, then rename over it.
 
 A crash or Ctrl-C mid-write leaves the old file (or no file) in place, never a truncated one.
+A kill -9 can leave the temporary file itself behind. Its name says who wrote it:
+``.<target name>.<host tag>-<pid>.<8 random chars><suffix>`` (host tag: 8 hex digits of the
+host name's sha1). The first atomic write into a folder in a process (and
+:func:`remove_stale_temps`, which the results tables, checkpoint loading and sampling call at
+start) removes the leftovers of earlier writers there. A temporary file is *stale* when its
+writer is dead (its host tag is this host's and no process has its pid) or when it is older than
+:data:`STALE_AGE_S` (any writer, including names from before the pid was recorded:
+``.<target>.<8 random chars><suffix>`` with the target ending in that suffix); a live writer's
+file is never touched, and no atomic write leaves its temporary file unmodified for an hour.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
+import socket
+import stat
 import tempfile
+import threading
+import time
 import zipfile
 from pathlib import Path
 from typing import Iterator
+
+STALE_AGE_S = 3600.0
+_NEW = re.compile(r"^\.(?P<target>.+)\.(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)\.[a-z0-9_]{8}(?P<suffix>.*)$")
+_OLD = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}(?P<suffix>\.[A-Za-z0-9]+)$")
+_cleaned: set[str] = set()
+_cleaned_lock = threading.Lock()
+
+
+def host_tag() -> str:
+    """8 hex digits naming this host in temporary file names."""
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # exists (another user's process) or cannot tell: keep the file
+    return True
+
+
+def stale_temp(entry: Path, now: float | None = None) -> bool:
+    """Whether ``entry`` is a leftover temporary file of :func:`atomic_path` (rule in the module doc)."""
+    name = entry.name
+    m = _NEW.match(name)
+    old = None if m else _OLD.match(name)
+    if m is None and (old is None or not old["target"].endswith(old["suffix"])):
+        return False
+    try:
+        st = entry.lstat()
+    except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        return False
+    if m is not None and m["host"] == host_tag() and not pid_alive(int(m["pid"])):
+        return True
+    return (now if now is not None else time.time()) - st.st_mtime > STALE_AGE_S
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete stale temporary files of :func:`atomic_path` in ``folder``; return what was removed."""
+    folder = Path(folder)
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    now = time.time()
+    for e in entries:
+        if e.name.startswith(".") and stale_temp(Path(e.path), now):
+            try:
+                os.unlink(e.path)
+                removed.append(Path(e.path))
+            except OSError:
+                pass  # gone already, or not ours to remove
+    return removed
+
+
+def _clean_once(folder: Path) -> None:
+    key = str(folder.resolve())
+    with _cleaned_lock:
+        if key in _cleaned:
+            return
+        _cleaned.add(key)
+    remove_stale_temps(folder)
 
 
 @contextlib.contextmanager
@@ -22,8 +105,9 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix if suffix is not None else path.suffix,
-                               dir=path.parent)
+    _clean_once(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{host_tag()}-{os.getpid()}.",
+                               suffix=suffix if suffix is not None else path.suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     # mkstemp makes the file private (0600); give it the permissions a plain open() would.
@@ -36,6 +120,49 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+class NotWritableError(ValueError):
+    """An output path that cannot be written; the message names it and says why."""
+
+
+def _writable(p: Path, st: os.stat_result) -> bool:
+    """Mode bits first (a file or folder with no write bit, or none for its owner when that is us,
+    is read-only even for root, who would otherwise write through it), then access(2)."""
+    mode = st.st_mode
+    if not mode & 0o222 or (st.st_uid == os.geteuid() and not mode & 0o200):
+        return False
+    return os.access(p, os.W_OK | (os.X_OK if stat.S_ISDIR(mode) else 0))
+
+
+def check_writable(path: str | os.PathLike, *, folder: bool = False, what: str = "output") -> Path:
+    """Check before any work that ``path`` (a file, or a folder with ``folder=True``) can be written:
+    an existing file must be writable and not a folder, and the nearest existing folder on the
+    way to it writable. Raises :class:`NotWritableError` naming the path; returns ``Path(path)``."""
+    path = Path(path)
+    where = f"{what} {path}"
+    if folder:
+        if path.exists() and not path.is_dir():
+            raise NotWritableError(f"{where}: exists and is not a folder")
+        d = path
+    else:
+        if path.is_dir():
+            raise NotWritableError(f"{where}: is a folder, not a file")
+        if path.exists():
+            st = path.stat()
+            if not _writable(path, st):
+                raise NotWritableError(f"{where}: the file is read-only (mode {stat.S_IMODE(st.st_mode):04o}); "
+                                       f"refusing to replace it")
+        d = path.parent
+    d = Path(os.path.abspath(d))
+    while not d.exists() and d != d.parent:
+        d = d.parent
+    if not d.is_dir():
+        raise NotWritableError(f"{where}: {d} is not a folder")
+    st = d.stat()
+    if not _writable(d, st):
+        raise NotWritableError(f"{where}: folder {d} is not writable (mode {stat.S_IMODE(st.st_mode):04o})")
+    return path
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from iddpm_core import distributed as dist_utils
-from iddpm_core.io import atomic_path, file_sha256, save_npz, write_text
+from iddpm_core.io import atomic_path, check_writable, file_sha256, save_npz, write_text
 
 SAMPLERS = ("ddpm", "ddim")
 QUANTIZE = ("round", "truncate")
@@ -269,6 +269,7 @@ def sample_to_dir(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, num
         raise ValueError(f"--sampler must be one of {SAMPLERS}, got {sampler!r}")
     if sampler == "ddpm" and eta != 0.0:
         raise ValueError("--eta applies to the ddim sampler only")
+    check_writable(out_dir, folder=True, what="output folder")  # before loading or sampling anything
     dev = dist_utils.pick_device("auto" if device is None else str(device))
     created = dist_utils.init_from_env(dev)
     try:

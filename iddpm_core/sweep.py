@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from iddpm_core.config import RunConfig
-from iddpm_core.io import write_text
+from iddpm_core.io import pid_alive, write_text
 
 # Leading columns of the sweep table, in order (iddpm_eval.scaling reads run, params, train_flops,
 # images_seen, step, fid, nll and their intervals). Extra columns from the evaluator follow, then
@@ -234,16 +234,6 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -262,7 +252,7 @@ def claim(lock: Path, break_locks: bool = False) -> bool:
             except (OSError, ValueError):
                 held = {}
             stale = (held.get("host") == me["host"] and isinstance(held.get("pid"), int)
-                     and not _pid_alive(held["pid"]))
+                     and not pid_alive(held["pid"]))
             if held.get("host") == me["host"] and held.get("pid") == me["pid"]:
                 stale = True  # our own leftover (a previous call in this process)
             if not (stale or break_locks):

@@ -7,10 +7,19 @@ The rule, per matched pair, with baseline value b, current value c and d = c - b
 
 * allowed = max(abs, rel * |b|) from the metric's tolerance entry (missing keys count as 0);
 * d is *beyond tolerance* when |d| > allowed (plus a few ulps of float noise);
-* with ``ci = true`` (the default) a change beyond tolerance is excused when the two confidence
-  intervals overlap; a row without an interval counts as the point [value, value]. So with
-  abs = rel = 0 and ``ci = true``, a regression is exactly "c lies outside the union of the
-  intervals and they are disjoint", i.e. a change the intervals cannot explain;
+* with ``ci = true`` (the default) a change beyond tolerance is excused when it is within the
+  noise of the two measurements: a two-sided z-test of the difference at 95%,
+  ``|d| <= Z * sqrt(se_b^2 + se_c^2)`` with ``Z = 1.959963984540054`` (plus float noise). Each
+  standard error is taken from the row's interval, read as a 95% interval: ``se = h / Z`` where
+  ``h`` is the half of the interval that faces the other value (baseline: ``ci_high - b`` when
+  c > b, ``b - ci_low`` when c < b; current: ``c - ci_low`` when c > b, ``ci_high - c`` when
+  c < b). For a symmetric interval (``value +- 1.96 se``, as ``nll`` writes) this is exactly the
+  standard error; for a skewed bootstrap interval it is the spread on the side the change moved
+  to, so a long tail away from the change excuses nothing. A row without an interval has se = 0.
+  (The old rule, "the two intervals overlap", excused differences up to h_b + h_c, the sum
+  instead of the root sum of squares: with equal errors a 0.6% test instead of 5%);
+* a row whose interval does not contain its own value (a copied or stale interval) cannot be
+  tested: it is refused with exit code 2, naming the row, whatever the tolerance entry says;
 * direction: without ``higher_is_better`` a change beyond tolerance either way is a regression
   (two-sided, the default); with ``higher_is_better = true|false`` only the worse direction is,
   a change the other way is reported as ``improved``;
@@ -33,7 +42,7 @@ Tolerance file (TOML, or JSON with the same structure)::
     abs = 0.5                 # allowed absolute change
     rel = 0.02                # allowed change relative to |baseline|
     higher_is_better = false  # omit for two-sided
-    ci = true                 # excuse changes the confidence intervals explain
+    ci = true                 # excuse changes within the noise the intervals give (z-test)
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ from iddpm_eval.tables import _file_mode, read_results
 
 EXIT_OK, EXIT_REGRESSION, EXIT_INCOMPARABLE = 0, 1, 2
 _ULPS = 8 * 2.220446049250313e-16  # float noise allowed on top of a tolerance
+Z95 = 1.959963984540054  # two-sided 95% normal quantile: intervals are read, and d is tested, at 95%
 
 
 class RegressError(ValueError):
@@ -154,11 +164,36 @@ def load_tolerances(path: str | os.PathLike | None = None) -> Tolerances:
     return parse_tolerances(data, str(path))
 
 
-def _interval(row: pd.Series) -> tuple[float, float]:
+def _interval(row: pd.Series) -> tuple[float, float] | None:
     lo, hi = row["ci_low"], row["ci_high"]
     if pd.isna(lo) or pd.isna(hi):
-        return float(row["value"]), float(row["value"])
+        return None
     return float(lo), float(hi)
+
+
+def interval_problem(row: pd.Series) -> str | None:
+    """Why a row's interval cannot be used (it does not contain the row's value), else None."""
+    iv, v = _interval(row), float(row["value"])
+    if iv is None or math.isnan(v):
+        return None
+    if not (iv[0] <= v <= iv[1]):
+        return f"interval [{iv[0]:.6g}, {iv[1]:.6g}] does not contain its value {v:.6g}"
+    return None
+
+
+def _facing_se(row: pd.Series, toward_higher: bool) -> float:
+    """Standard error from the half of the row's 95% interval that faces the other value (0 without one)."""
+    iv = _interval(row)
+    if iv is None:
+        return 0.0
+    v = float(row["value"])
+    return ((iv[1] - v) if toward_higher else (v - iv[0])) / Z95
+
+
+def noise_threshold(b: pd.Series, c: pd.Series) -> float:
+    """Z95 * sqrt(se_b^2 + se_c^2), the standard errors taken from the intervals' facing halves."""
+    up = float(c["value"]) > float(b["value"])
+    return Z95 * math.hypot(_facing_se(b, up), _facing_se(c, not up))
 
 
 def _text(v: Any) -> str | None:
@@ -217,9 +252,10 @@ def _compare_pair(b: pd.Series, c: pd.Series, tol: Tolerance) -> tuple[str, floa
     if d == 0 or abs(d) <= allowed + noise:
         return "ok", d, rel, allowed, ""
     if tol.ci:
-        (bl, bh), (cl, ch) = _interval(b), _interval(c)
-        if max(bl, cl) <= min(bh, ch):
-            return "ok", d, rel, allowed, "beyond tolerance but confidence intervals overlap"
+        thr = noise_threshold(b, c)
+        if thr > 0 and abs(d) <= thr * (1 + _ULPS):
+            note = f"beyond tolerance but within noise (|d| <= {thr:.4g} = z*sqrt(se_b^2+se_c^2))"
+            return "ok", d, rel, allowed, note
     if tol.higher_is_better is not None and (d > 0) == tol.higher_is_better:
         return "improved", d, rel, allowed, ""
     return "REGRESSION", d, rel, allowed, ""
@@ -239,6 +275,15 @@ def compare_tables(baseline: pd.DataFrame, current: pd.DataFrame, tolerances: To
     for key in keys:
         e, m = key
         in_b, in_c = key in base.index, key in cur.index
+        bad = [(name, why) for name, t, present in (("baseline", base, in_b), ("current", cur, in_c))
+               if present and (why := interval_problem(t.loc[key]))]
+        if bad:  # an interval that excludes its own value was copied or is stale: nothing to test against
+            what = "; ".join(f"{name} row: {why}" for name, why in bad)
+            errors.append(f"({e}, {m}) cannot be compared: {what}")
+            bv = float(base.loc[key, "value"]) if in_b else math.nan
+            cv = float(cur.loc[key, "value"]) if in_c else math.nan
+            out.append(("INCOMPARABLE", e, m, bv, cv, math.nan, math.nan, math.nan, what))
+            continue
         if not in_c:
             bv = float(base.loc[key, "value"])
             out.append(("missing", e, m, bv, math.nan, math.nan, math.nan, math.nan, "only in baseline"))

@@ -562,6 +562,10 @@ def _param_table(fit: Fit, names: list[str], boot: np.ndarray, level: float, ext
 
 
 def resolve_column(table: pd.DataFrame, name: str, what: str) -> str:
+    """The table's column for ``name``: a column with that exact name wins; only when there is
+    none does an x alias apply (compute -> train_flops, images -> images_seen)."""
+    if name in table.columns:
+        return name
     col = X_ALIASES.get(name, name) if what == "x" else name
     if col not in table.columns:
         raise ValueError(f"{what} column {col!r} (from {name!r}) is not in the table; columns: {list(table.columns)}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,7 +131,16 @@ def save_stats(path: str | os.PathLike, stats: FeatureStats, features: np.ndarra
         arrays["pool"] = np.asarray(features, np.float32)
     if spatial is not None:
         arrays["spatial"] = np.asarray(spatial, np.float32)
-    save_npz(path, **arrays)
+    try:
+        save_npz(path, **arrays)
+    except OSError as exc:  # computed statistics are never thrown away: keep a copy and say where
+        fallback = Path(tempfile.gettempdir()) / f"iddpm-stats-{os.getpid()}-{Path(path).stem}.npz"
+        try:
+            save_npz(fallback, **arrays)
+        except OSError:
+            raise StatsError(f"cannot write {path} ({exc}), nor a copy to {fallback}") from None
+        raise StatsError(f"cannot write {path} ({exc}); the computed statistics were saved to {fallback} "
+                         f"instead (move them into place, or pass that file as a source)") from None
 
 
 def npz_keys(path: str | os.PathLike) -> set[str]:

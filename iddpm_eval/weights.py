@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pickle
 import warnings
 import zipfile
 from pathlib import Path
@@ -167,6 +168,8 @@ def load_nvidia_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     when the file carries a classifier that is not all zeros.
     """
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"FID weights file does not exist: {path}")
     try:
         if _is_torchscript(path):
             with warnings.catch_warnings():  # torch >= 2.9 deprecates jit.load; we only read tensors
@@ -178,9 +181,14 @@ def load_nvidia_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             if not isinstance(raw, dict):
                 raise ValueError(f"{path}: expected a state dict, got {type(raw).__name__}")
             state = fidelity_to_nvidia(raw)
-    except (RuntimeError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+    except pickle.UnpicklingError:
+        # torch's message advises retrying with weights_only=False, i.e. running the file's code: not for us
+        raise ValueError(f"{path}: not Inception-2015-12-05 weights in NVIDIA TorchScript or torch-fidelity "
+                         f".pth layout (not a tensor file that loads without running code)") from None
+    except (RuntimeError, ValueError, KeyError, zipfile.BadZipFile, EOFError, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"{path}: not Inception-2015-12-05 weights in NVIDIA TorchScript or "
-                         f"torch-fidelity .pth layout ({exc})") from exc
+                         f"torch-fidelity .pth layout ({reason})") from None
     state = {k: v.detach().to(torch.float32).contiguous() for k, v in state.items()}
     names = conv_name_map()
     missing = [f"{n}.{p}" for n in names for p in ("weight", "beta", "mean", "var") if f"{n}.{p}" not in state]

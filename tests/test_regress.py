@@ -168,17 +168,83 @@ def test_zero_baseline_relative():
     assert status == "REGRESSION" and comp.table["rel_delta"].iloc[0] == math.inf
 
 
-def test_confidence_intervals():
-    # beyond tolerance (0) but the intervals overlap: explained by noise
-    status, comp = compare(10.0, 11.0, {}, bci=(9.0, 10.6), cci=(10.5, 11.5))
-    assert status == "ok" and "overlap" in comp.table["note"].iloc[0]
-    assert compare(10.0, 11.0, {}, bci=(9.0, 10.4), cci=(10.5, 11.5))[0] == "REGRESSION"  # disjoint
-    assert compare(10.0, 11.0, {"ci": False}, bci=(9.0, 10.6), cci=(10.5, 11.5))[0] == "REGRESSION"
-    # only the baseline has an interval: the current point inside it is explained
+def test_confidence_intervals_z_test_of_the_difference():
+    # The rule: |d| <= Z * sqrt(se_b^2 + se_c^2), se = (facing half of a 95% interval) / Z, so for
+    # half-widths h_b, h_c the boundary is sqrt(h_b^2 + h_c^2): 3-4-5 gives exactly 5.
+    b = (10.0, (7.0, 13.0))                                  # h_b = 3
+    def at(cv):
+        return compare(b[0], cv, {}, bci=b[1], cci=(cv - 4.0, cv + 4.0))[0]   # h_c = 4
+    assert at(15.0 * (1 - 1e-9)) == "ok" and at(15.0) == "ok"
+    assert at(15.0 * (1 + 1e-9)) == "REGRESSION"
+    assert at(10.0 - 5.0) == "ok" and at(5.0 * (1 - 1e-9)) == "REGRESSION"   # two-sided
+    # overlap would have excused up to h_b + h_c = 7: a change of 6 is beyond the noise
+    assert at(16.0) == "REGRESSION"
+    status, comp = compare(10.0, 14.0, {}, bci=(7.0, 13.0), cci=(10.0, 18.0))
+    assert status == "ok" and "within noise" in comp.table["note"].iloc[0]
+    assert compare(10.0, 14.0, {"ci": False}, bci=(7.0, 13.0), cci=(10.0, 18.0))[0] == "REGRESSION"
+    # only the baseline has an interval: se_c = 0, the boundary is h_b
     assert compare(10.0, 10.9, {}, bci=(9.0, 11.0))[0] == "ok"
     assert compare(10.0, 11.1, {}, bci=(9.0, 11.0))[0] == "REGRESSION"
     # direction still applies to unexplained changes
     assert compare(10.0, 11.0, {"higher_is_better": True}, bci=(9.5, 10.4), cci=(10.5, 11.5))[0] == "improved"
+
+
+def test_skewed_interval_uses_the_half_facing_the_change():
+    # A bootstrap interval with a long upper tail (baseline 10 in [9.9, 16]) explains an increase
+    # up to 6 but a decrease only up to 0.1: the half facing the change sets the standard error.
+    assert compare(10.0, 15.9, {}, bci=(9.9, 16.0))[0] == "ok"
+    assert compare(10.0, 9.85, {}, bci=(9.9, 16.0))[0] == "REGRESSION"
+    assert compare(10.0, 9.95, {}, bci=(9.9, 16.0))[0] == "ok"
+    # the current row's facing half: c = 12 in [11.9, 20] moved up, so its lower half (0.1) counts
+    assert compare(10.0, 12.0, {}, bci=(9.9, 10.1), cci=(11.9, 20.0))[0] == "REGRESSION"
+
+
+def test_interval_not_containing_its_value_is_refused(tmp_path):
+    _, comp = compare(10.0, 30.0, {"abs": 100.0}, bci=(9.0, 11.0), cci=(9.0, 11.0))
+    assert comp.exit_code == 2 and comp.table["status"].iloc[0] == "INCOMPARABLE"
+    assert "current row" in comp.errors[0] and "(e, m)" in comp.errors[0]
+
+
+def _ci_fid_row(path: Path, value: float, ci: tuple[float, float]) -> Path:
+    base = read_results(ROOT / "results" / "ci" / "baseline.csv")
+    fid = base[base["metric"] == "fid"].iloc[0]
+    d = {c: fid[c] for c in ("experiment", "metric", "n", "mode", "weights_sha256", "seed", *PROV)}
+    d.update(value=value, ci_low=ci[0], ci_high=ci[1])
+    append_results(path, [{k: (None if pd.isna(v) else v) for k, v in d.items()}])
+    return path
+
+
+def test_threefold_fid_regression_with_copied_interval_fails_the_gate(tmp_path):
+    # The case: FID 51.2 -> 163.6 with the baseline's interval copied into the current row.
+    base = ROOT / "results" / "ci" / "baseline.csv"
+    b = read_results(base)
+    fid = b[b["metric"] == "fid"].iloc[0]
+    cur = _ci_fid_row(tmp_path / "t.csv", 163.6, (float(fid["ci_low"]), float(fid["ci_high"])))
+    code, out = run("--baseline", base, "--current", cur, "--allow-missing")
+    assert code == 2, out
+    assert "(ci-digits, fid)" in out and "does not contain its value 163.6" in out and "Traceback" not in out
+    # with an honest interval of its own (same relative width) it is a regression, not noise
+    h = (float(fid["ci_high"]) - float(fid["ci_low"])) / 2 * 163.6 / float(fid["value"])
+    cur = _ci_fid_row(tmp_path / "u.csv", 163.6, (163.6 - h, 163.6 + h))
+    code, out = run("--baseline", base, "--current", cur, "--allow-missing")
+    assert code == 1 and status_of(out, "ci-digits", "fid") == "REGRESSION", out
+
+
+def test_within_noise_change_passes_the_builtin_gate(tmp_path):
+    # 51.20 -> 53.0 is beyond the built-in tolerance (max(0.5, 0.02 * 51.2) = 1.02) but well
+    # inside sqrt(h_b^2 + h_c^2) ~ 5.4 for two intervals of the baseline's width.
+    base = ROOT / "results" / "ci" / "baseline.csv"
+    b = read_results(base)
+    fid = b[b["metric"] == "fid"].iloc[0]
+    lo, hi, v = float(fid["ci_low"]), float(fid["ci_high"]), float(fid["value"])
+    cur = _ci_fid_row(tmp_path / "t.csv", 53.0, (53.0 - (v - lo), 53.0 + (hi - v)))
+    code, out = run("--baseline", base, "--current", cur, "--allow-missing")
+    assert code == 0 and status_of(out, "ci-digits", "fid") == "ok" and "within noise" in out, out
+
+
+def test_committed_baseline_intervals_contain_their_values():
+    df = read_results(ROOT / "results" / "ci" / "baseline.csv")
+    assert [rg.interval_problem(r) for _, r in df.iterrows()] == [None] * len(df)
 
 
 def test_duplicates_use_last_row_and_say_so(tmp_path):

@@ -320,3 +320,24 @@ def test_cli_errors(tmp_path):
     pd.read_csv(table).assign(fid=0.0).to_csv(bad, index=False)
     r = CliRunner().invoke(main, ["scaling", str(bad), "--out", str(tmp_path)])
     assert r.exit_code == 2 and "bad.csv" in r.output and "positive" in r.output
+
+
+def test_x_column_named_like_an_alias_wins_over_the_alias(tmp_path):
+    # A sweep table from another tool: columns params, compute, fid (no train_flops). Noise-free
+    # fid = 2 + 50 compute^-0.3, so the fit must give alpha = 0.3 from the 'compute' column itself.
+    compute = np.geomspace(1e9, 1e13, 8)
+    table = pd.DataFrame({"params": np.geomspace(1e4, 1e6, 8), "compute": compute,
+                          "fid": 2.0 + 50.0 * compute ** -0.3})
+    path = tmp_path / "other_tool.csv"
+    table.to_csv(path, index=False)
+    r = CliRunner().invoke(main, ["scaling", str(path), "--x", "compute", "--y", "fid", "--bootstrap", "0",
+                                  "--out", str(tmp_path / "out"), "--json"])
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+    doc = json.loads(r.stdout)
+    assert doc["x"] == "compute" and doc["alpha"] == pytest.approx(0.3, rel=1e-3)
+    # with both columns present the given name still wins; the alias is used only without it
+    both = table.assign(train_flops=compute ** 2)   # x^2 would halve the exponent to 0.15
+    assert S.resolve_column(both, "compute", "x") == "compute"
+    assert S.resolve_column(both.drop(columns="compute"), "compute", "x") == "train_flops"
+    res = S.scaling_fit(both, "compute", "fid", n_boot=0, progress=False)
+    assert res.x == "compute" and res.fit.params["alpha"] == pytest.approx(0.3, rel=1e-3)

@@ -97,12 +97,17 @@ def _worker(args):
         append_results(path, [row(f"{who}", value=float(i))])
 
 
-def test_concurrent_appends_lose_nothing(tmp_path):
-    path = str(tmp_path / "r.csv")
+def _in_two_processes(worker, path: str, count: int) -> pd.DataFrame:
+    """Run ``worker((path, who, count))`` for who = p0, p1 in two processes at once; read the table."""
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(2) as pool:
-        pool.map(_worker, [(path, "p0", 12), (path, "p1", 12)])
-    df = read_results(path)
+        pool.map(worker, [(path, "p0", count), (path, "p1", count)])
+    return read_results(path)
+
+
+def test_concurrent_appends_lose_nothing(tmp_path):
+    path = str(tmp_path / "r.csv")
+    df = _in_two_processes(_worker, path, 12)
     assert len(df) == 24
     for who in ("p0", "p1"):
         assert df.loc[df["experiment"] == who, "value"].tolist() == [float(i) for i in range(12)]
@@ -287,3 +292,143 @@ def test_hand_written_nan_text_reads_as_nan(tmp_path):
     append_results(path, [row(value=2.0)])
     path.write_text(path.read_text().replace("e,fid,2.0,", "e,fid,NaN,"))
     assert math.isnan(read_results(path)["value"][0])
+
+
+# ------------------------------------------------------------- refusing broken or protected tables
+
+def _cut_last_row(path: Path, keep: int) -> bytes:
+    """Cut the file inside its last row, `keep` characters into that row, as a kill mid-write would."""
+    lines = path.read_bytes().split(b"\n")
+    last = [i for i, l in enumerate(lines) if l][-1]
+    data = b"\n".join(lines[:last] + [lines[last][:keep]])
+    path.write_bytes(data)
+    return data
+
+
+@pytest.mark.parametrize("keep", [18, 200])  # inside the value column; inside the quoted extra JSON
+def test_truncated_last_row_is_refused_naming_file_and_line(tmp_path, keep):
+    path = tmp_path / "r.csv"
+    append_results(path, [row("a", value=1.25, extra={"command": "x", "k": "v" * 300}),
+                          row("b", value=2.5, extra={"command": "y", "k": "w" * 300})])
+    data = _cut_last_row(path, keep)
+    with pytest.raises(ValueError, match=r"r\.csv: line 3 "):
+        read_results(path)
+    with pytest.raises(ValueError, match=r"r\.csv: line 3 "):
+        append_results(path, [row("c")])
+    with pytest.raises(ValueError, match=r"r\.csv: line 3 "):
+        tables.check_table(path)
+    assert path.read_bytes() == data  # never rewritten
+
+
+def test_read_only_table_and_folder_are_refused(tmp_path):
+    path = tmp_path / "r.csv"
+    append_results(path, [row("a")])
+    before = path.read_bytes()
+    os.chmod(path, 0o444)  # tests may run as root, who could write anyway: the mode bits decide
+    try:
+        for call in (lambda: append_results(path, [row("b")]), lambda: tables.check_table(path)):
+            with pytest.raises(ValueError, match=r"r\.csv: the file is read-only \(mode 0444\)"):
+                call()
+        assert path.read_bytes() == before and path.stat().st_mode & 0o777 == 0o444
+    finally:
+        os.chmod(path, 0o644)
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    os.chmod(folder, 0o555)
+    try:
+        with pytest.raises(ValueError, match=r"folder .*ro is not writable \(mode 0555\)"):
+            tables.check_table(folder / "sub" / "t.csv")
+        with pytest.raises(ValueError, match="not writable"):
+            append_results(folder / "t.csv", [row()])
+        assert list(folder.iterdir()) == []
+    finally:
+        os.chmod(folder, 0o755)
+
+
+def test_check_table_refuses_before_any_work(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="bad.csv: missing column"):
+        tables.check_table(bad)
+    with pytest.raises(ValueError, match="give the .csv path"):
+        tables.check_table(tmp_path / "r.parquet")
+    with pytest.raises(ValueError, match="'experiment' must be one line"):
+        tables.check_table(tmp_path / "r.csv", "two\nlines")
+    with pytest.raises(ValueError, match="is not a file"):
+        tables.check_table(tmp_path)
+    assert tables.check_table(tmp_path / "new" / "r.csv", "ok") == tmp_path / "new" / "r.csv"
+    assert not (tmp_path / "new").exists()
+
+
+# ------------------------------------------------------------- reruns, one write, the Parquet copy
+
+def _cmd_row(experiment, metric, value, command="iddpm-eval fid a b", **kw):
+    return row(experiment, metric, value, extra={"command": command, "a_fingerprint": "fa", **kw.pop("extra", {})},
+               **kw)
+
+
+def test_rerun_replaces_rows_of_the_same_identity(tmp_path):
+    path = tmp_path / "r.csv"
+    first = [_cmd_row("e", "fid", 10.0, seed=0), _cmd_row("e", "kid", 0.1, seed=0)]
+    assert append_results(path, first, replace=True) == 0
+    append_results(path, [row("hand", "fid", 1.0)], replace=True)  # no command: never replaced
+    # the same command on the same inputs: both rows replaced, in place of duplicates
+    assert append_results(path, [_cmd_row("e", "fid", 10.5, seed=0), _cmd_row("e", "kid", 0.2, seed=0)],
+                          replace=True) == 2
+    df = read_results(path)
+    assert df[["experiment", "metric", "value"]].values.tolist() == [["hand", "fid", 1.0], ["e", "fid", 10.5],
+                                                                     ["e", "kid", 0.2]]
+    # another seed, another command line, or changed inputs: new rows, the old ones kept
+    append_results(path, [_cmd_row("e", "fid", 11.0, seed=1)], replace=True)
+    append_results(path, [_cmd_row("e", "fid", 12.0, seed=0, command="iddpm-eval fid a b --num 5")], replace=True)
+    append_results(path, [_cmd_row("e", "fid", 13.0, seed=0, extra={"a_fingerprint": "changed"})], replace=True)
+    append_results(path, [row("hand", "fid", 1.0)], replace=True)
+    assert read_results(path)["value"].tolist() == [1.0, 10.5, 0.2, 11.0, 12.0, 13.0, 1.0]
+    # without replace (the library default) a rerun appends
+    append_results(path, [_cmd_row("e", "kid", 0.2, seed=0)])
+    assert read_results(path)["metric"].tolist().count("kid") == 2
+
+
+def _replacing_worker(args):
+    path, who, count = args
+    for i in range(count):
+        append_results(path, [_cmd_row(who, "fid", float(i), command=f"run {who} {i}"),
+                              _cmd_row(who, "kid", float(i), command=f"run {who} {i}")], replace=True)
+
+
+def test_concurrent_replacing_appends_keep_every_row_and_a_matching_parquet(tmp_path):
+    pytest.importorskip("pyarrow")
+    path = str(tmp_path / "r.csv")
+    df = _in_two_processes(_replacing_worker, path, 8)
+    assert len(df) == 32
+    for who in ("p0", "p1"):
+        mine = df[df["experiment"] == who]
+        assert mine["value"].tolist() == [float(i) for i in range(8) for _ in range(2)]  # pairs stay together
+    pd.testing.assert_frame_equal(df, read_results(Path(path).with_suffix(".parquet")), check_dtype=False)
+    assert tables._parquet_stamp(Path(path).with_suffix(".parquet")) == file_sha256(path)
+
+
+def test_stale_parquet_copy_is_never_read(tmp_path, monkeypatch):
+    pytest.importorskip("pyarrow")
+    path = tmp_path / "r.csv"
+    pq = path.with_suffix(".parquet")
+    append_results(path, [row("a")])
+    real = tables._write_parquet
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # the process dies between the CSV rename and the Parquet write
+
+    monkeypatch.setattr(tables, "_write_parquet", killed)
+    with pytest.raises(KeyboardInterrupt):
+        append_results(path, [row("b")])
+    monkeypatch.setattr(tables, "_write_parquet", real)
+    assert read_results(path)["experiment"].tolist() == ["a", "b"]
+    assert read_results(pq)["experiment"].tolist() == ["a", "b"]  # the CSV's content, not the stale copy
+    assert tables._parquet_stamp(pq) == file_sha256(path)  # and the copy was regenerated
+    raw = pd.read_parquet(pq)  # what any Parquet reader sees: typed columns, not CSV text
+    assert raw["experiment"].tolist() == ["a", "b"] and str(raw["value"].dtype) == "float64"
+    assert str(raw["seed"].dtype) == "Int64" and raw["ci_low"].isna().all()
+    # a hand edit of the CSV also makes the copy stale
+    path.write_text(path.read_text().replace("\na,", "\nz,", 1))
+    assert read_results(pq)["experiment"].tolist() == ["z", "b"]
+

@@ -6,6 +6,8 @@ import json
 
 import click
 
+from iddpm_eval.cli.outputs import record
+
 MODES = ("legacy-tf", "clean")  # iddpm_eval.preprocess.MODES, without importing torch for --help
 
 
@@ -39,31 +41,41 @@ def source_options(f):
     return f
 
 
-def append_rows(path: str, out: dict, metrics: list[tuple[str, str, str | None, str | None]], experiment: str | None):
-    """Append one row per (metric, key, ci_low key, ci_high key) to the results table."""
-    from iddpm_eval.tables import append_result
+def result_rows(out: dict, metrics: list[tuple[str, str, str | None, str | None]], experiment: str | None
+                ) -> list[dict]:
+    """One results row per (metric, key, ci_low key, ci_high key) present in ``out``."""
+    from iddpm_eval.provenance import provenance
+    from iddpm_eval.tables import result_row
 
     exp = experiment or f"{out['a']} vs {out['b']}"
     extra = {k: out[k] for k in ("a", "b", "n_a", "n_b", "a_fingerprint", "b_fingerprint", "iddpm_version", "num")
              if out.get(k) is not None}
     counts = [v for v in (out.get("n_a"), out.get("n_b")) if v is not None]
     n = min(counts) if counts else None  # the smaller set bounds the estimate; both are in extra
-    for metric, key, lo, hi in metrics:
-        if key in out:
-            append_result(path, experiment=exp, metric=metric, value=out[key],
-                          ci_low=out.get(lo) if lo else None, ci_high=out.get(hi) if hi else None,
-                          n=n,
-                          mode=out.get("mode"), seed=out.get("seed"), weights_sha256=out.get("weights_sha256"),
-                          extra=extra)
+    prov = provenance()
+    return [result_row(experiment=exp, metric=metric, value=out[key],
+                       ci_low=out.get(lo) if lo else None, ci_high=out.get(hi) if hi else None, n=n,
+                       mode=out.get("mode"), seed=out.get("seed"), weights_sha256=out.get("weights_sha256"),
+                       extra=extra, prov=prov)
+            for metric, key, lo, hi in metrics if key in out]
+
+
+def check_outputs(a, b, results, experiment, save_features) -> None:
+    """Before computing: the results table, the experiment name, the features folder."""
+    from iddpm_eval.cli.outputs import check_output, check_results
+
+    check_results(results, experiment if experiment is not None else f"{a} vs {b}")
+    check_output(save_features, "--save-features", folder=True)
 
 
 def run_compare(a, b, *, as_json, results, experiment, no_progress, **kw) -> dict:
     from iddpm_core.data import DataError
     from iddpm_eval.fid import compare
 
+    check_outputs(a, b, results, experiment, kw.get("save_features"))
     try:
         return compare(a, b, progress=not no_progress, **kw)
-    except (DataError, ValueError) as exc:
+    except (DataError, ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -89,24 +101,24 @@ def fid(a, b, mode, num, batch_size, seed, weights, device, as_json, results, ex
                       save_features=save_features, sample_steps=sample_steps, sampler=sampler,
                       bootstrap=bootstrap, kid=kid, kid_subsets=kid_subsets,
                       kid_subset_size=kid_subset_size, sfid=sfid, pr=pr, k=k)
-    if results:
-        append_rows(results, out, [("fid", "fid", "fid_ci_low", "fid_ci_high"), ("kid", "kid_mean", None, None),
-                                   ("sfid", "sfid", None, None), ("precision", "precision", None, None),
-                                   ("recall", "recall", None, None), ("density", "density", None, None),
-                                   ("coverage", "coverage", None, None)], experiment)
     if as_json:
         click.echo(json.dumps(out, sort_keys=True))
-        return
-    line = f"FID {out['fid']:.4f}"
-    if "fid_ci_low" in out:
-        line += f" (95% CI {out['fid_ci_low']:.4f} .. {out['fid_ci_high']:.4f}, {bootstrap} bootstrap rounds)"
-    click.echo(f"{line}   [{out['mode']}, n_a={out['n_a']}, n_b={out['n_b']}]")
-    if "sfid" in out:
-        click.echo(f"sFID {out['sfid']:.4f}")
-    if "kid_mean" in out:
-        click.echo(f"KID {out['kid_mean']:.6f} +- {out['kid_std']:.6f} (subsets of {out['kid_subset_size']})")
-    if "precision" in out:
-        click.echo(f"reference (real) set: A = {a}")
-        click.echo("precision {precision:.4f}  recall {recall:.4f}  density {density:.4f}  coverage {coverage:.4f}"
-                   "  (k={k})".format(**out))
-    click.echo(f"weights sha256 {out['weights_sha256']}")
+    else:
+        line = f"FID {out['fid']:.4f}"
+        if "fid_ci_low" in out:
+            line += f" (95% CI {out['fid_ci_low']:.4f} .. {out['fid_ci_high']:.4f}, {bootstrap} bootstrap rounds)"
+        click.echo(f"{line}   [{out['mode']}, n_a={out['n_a']}, n_b={out['n_b']}]")
+        if "sfid" in out:
+            click.echo(f"sFID {out['sfid']:.4f}")
+        if "kid_mean" in out:
+            click.echo(f"KID {out['kid_mean']:.6f} +- {out['kid_std']:.6f} (subsets of {out['kid_subset_size']})")
+        if "precision" in out:
+            click.echo(f"reference (real) set: A = {a}")
+            click.echo("precision {precision:.4f}  recall {recall:.4f}  density {density:.4f}  coverage {coverage:.4f}"
+                       "  (k={k})".format(**out))
+        click.echo(f"weights sha256 {out['weights_sha256']}")
+    if results:  # printed first, so a failed write loses nothing the user has not seen
+        record(results, result_rows(out, [("fid", "fid", "fid_ci_low", "fid_ci_high"), ("kid", "kid_mean", None, None),
+                                          ("sfid", "sfid", None, None), ("precision", "precision", None, None),
+                                          ("recall", "recall", None, None), ("density", "density", None, None),
+                                          ("coverage", "coverage", None, None)], experiment))

@@ -49,7 +49,8 @@ def nll(checkpoint, data, num, batch_size, exact_cdf, clip_denoised, estimate, p
     """Negative log-likelihood in bits/dim: prior KL + every KL term + the discretized decoder NLL,
     per image, with the mean and its standard error. Reruns with the same --out resume."""
     from iddpm_core.data import DataError
-    from iddpm_eval.nll import evaluate
+    from iddpm_eval.cli.outputs import check_output, check_results, record
+    from iddpm_eval.nll import default_out_dir, evaluate
 
     if (profile is not None or pilot) and estimate is None:
         raise click.UsageError("--profile and --pilot need --estimate K")
@@ -62,6 +63,12 @@ def nll(checkpoint, data, num, batch_size, exact_cdf, clip_denoised, estimate, p
             ema = float(ema)
         except ValueError:
             raise click.UsageError(f"--ema must be a rate such as 0.9999 or 'raw', got {ema!r}") from None
+    check_results(results, experiment)
+    if out_dir is not None:
+        check_output(out_dir, "--out", folder=True)
+    else:
+        check_output(default_out_dir(checkpoint, data, estimate), "output folder (the default beside the checkpoint; "
+                     "choose another with --out)", folder=True)
     try:
         out = evaluate(checkpoint, data, out_dir=out_dir, num=num, batch_size=batch_size, seed=seed,
                        exact_cdf=exact_cdf, clip_denoised=clip_denoised, estimate=estimate, profile=profile,
@@ -69,9 +76,21 @@ def nll(checkpoint, data, num, batch_size, exact_cdf, clip_denoised, estimate, p
                        progress=not no_progress)
     except (DataError, ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
-    if results:
+    if as_json:
+        click.echo(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                               for k, v in out.items()}, sort_keys=True))
+    else:
+        se = out["bpd_stderr"]
+        se_txt = f" +- {se:.4f}" if se is not None and math.isfinite(se) else ""
+        what = ("exact bound" if not estimate
+                else f"estimate from K={estimate} timesteps (MC stderr {out['mc_stderr']:.4f})")
+        click.echo(f"{out['bpd']:.4f}{se_txt} bits/dim over {out['n']} images, T = {out['T']}, {what}, "
+                   f"{out['cdf']} CDF")
+        click.echo(f"prior {out['prior_bpd']:.6f}  decoder {out['decoder_bpd']:.4f}  KL terms {out['kl_bpd']:.4f}")
+        click.echo(f"outputs in {out['out_dir']}")
+    if results:  # printed first, so a failed write loses nothing the user has not seen
         from iddpm_eval.provenance import config_hash
-        from iddpm_eval.tables import append_result
+        from iddpm_eval.tables import result_row
 
         se = out["bpd_stderr"]
         ci = (None, None) if se is None or not math.isfinite(se) else (out["bpd"] - 1.96 * se, out["bpd"] + 1.96 * se)
@@ -80,19 +99,9 @@ def nll(checkpoint, data, num, batch_size, exact_cdf, clip_denoised, estimate, p
         for k in ("mc_stderr", "profile", "pilot"):
             if out.get(k) is not None:
                 extra[k] = out[k]
-        append_result(results, experiment=experiment, metric="bpd" if not estimate else f"bpd_est{estimate}",
-                      value=out["bpd"], ci_low=ci[0], ci_high=ci[1], n=out["n"], mode=out["cdf"], seed=seed,
-                      checkpoint_hash=out["checkpoint_sha256"],
-                      config_hash=config_hash({k: out[k] for k in ("T", "cdf", "clip_denoised", "estimate", "data")}),
-                      extra=extra)
-    if as_json:
-        click.echo(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                               for k, v in out.items()}, sort_keys=True))
-        return
-    se = out["bpd_stderr"]
-    se_txt = f" +- {se:.4f}" if se is not None and math.isfinite(se) else ""
-    what = "exact bound" if not estimate else f"estimate from K={estimate} timesteps (MC stderr {out['mc_stderr']:.4f})"
-    click.echo(f"{out['bpd']:.4f}{se_txt} bits/dim over {out['n']} images, T = {out['T']}, {what}, "
-               f"{out['cdf']} CDF")
-    click.echo(f"prior {out['prior_bpd']:.6f}  decoder {out['decoder_bpd']:.4f}  KL terms {out['kl_bpd']:.4f}")
-    click.echo(f"outputs in {out['out_dir']}")
+        record(results, [result_row(
+            experiment=experiment, metric="bpd" if not estimate else f"bpd_est{estimate}", value=out["bpd"],
+            ci_low=ci[0], ci_high=ci[1], n=out["n"], mode=out["cdf"], seed=seed,
+            checkpoint_hash=out["checkpoint_sha256"],
+            config_hash=config_hash({k: out[k] for k in ("T", "cdf", "clip_denoised", "estimate", "data")}),
+            extra=extra)])

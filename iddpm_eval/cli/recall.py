@@ -6,7 +6,8 @@ import json
 
 import click
 
-from iddpm_eval.cli.fid import append_rows, run_compare, source_options
+from iddpm_eval.cli.fid import result_rows, run_compare, source_options
+from iddpm_eval.cli.outputs import record
 
 
 @click.command("recall")
@@ -25,16 +26,16 @@ def recall(a, b, mode, num, batch_size, seed, weights, device, as_json, results,
                       save_features=save_features, sample_steps=sample_steps, sampler=sampler, pr=True, k=k)
     if not with_fid:
         out.pop("fid")
-    if results:
-        append_rows(results, out, [("precision", "precision", None, None), ("recall", "recall", None, None),
-                                   ("density", "density", None, None), ("coverage", "coverage", None, None),
-                                   ("fid", "fid", None, None)], experiment)
     if as_json:
         click.echo(json.dumps(out, sort_keys=True))
-        return
-    click.echo(f"reference (real) set: A = {a} ({out['n_real']} images); generated: B = {b} ({out['n_fake']})")
-    click.echo("precision {precision:.4f}  recall {recall:.4f}  density {density:.4f}  coverage {coverage:.4f}"
-               "  (k={k}, {mode})".format(**out))
-    if "fid" in out:
-        click.echo(f"FID {out['fid']:.4f}")
-    click.echo(f"weights sha256 {out['weights_sha256']}")
+    else:
+        click.echo(f"reference (real) set: A = {a} ({out['n_real']} images); generated: B = {b} ({out['n_fake']})")
+        click.echo("precision {precision:.4f}  recall {recall:.4f}  density {density:.4f}  coverage {coverage:.4f}"
+                   "  (k={k}, {mode})".format(**out))
+        if "fid" in out:
+            click.echo(f"FID {out['fid']:.4f}")
+        click.echo(f"weights sha256 {out['weights_sha256']}")
+    if results:  # printed first, so a failed write loses nothing the user has not seen
+        record(results, result_rows(out, [("precision", "precision", None, None), ("recall", "recall", None, None),
+                                          ("density", "density", None, None), ("coverage", "coverage", None, None),
+                                          ("fid", "fid", None, None)], experiment))

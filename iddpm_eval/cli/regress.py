@@ -23,11 +23,13 @@ from iddpm_eval import regress as rg
 def regress(baseline, current, tolerances, allow_missing, output, update_baseline):
     """Compare CURRENT with BASELINE row by row (matched by experiment and metric).
 
-    A change beyond the metric's tolerance, max(abs, rel*|baseline|), that the two confidence
-    intervals do not explain is a regression; with higher_is_better in the tolerance file only
+    A change beyond the metric's tolerance, max(abs, rel*|baseline|), is a regression unless (with
+    ci = true) it is within the noise of the two measurements: |d| <= 1.96 sqrt(se_b^2 + se_c^2),
+    each se read from the row's 95% interval. With higher_is_better in the tolerance file only
     the worse direction counts. Rows in only one table are listed (missing ones fail unless
     --allow-missing). Exit 0 pass, 1 regression, 2 when the tables cannot be compared
-    (unreadable, missing columns, unknown metric, different mode or weights).
+    (unreadable, missing columns, unknown metric, different mode or weights, a row whose
+    interval does not contain its value).
     """
     try:
         comp = rg.compare_files(baseline, current, tolerances, allow_missing=allow_missing)

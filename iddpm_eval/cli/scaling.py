@@ -20,7 +20,8 @@ def _safe(name: str) -> str:
 @click.command("scaling")
 @click.argument("table", type=click.Path(exists=True, dir_okay=False))
 @click.option("--x", "x", default="compute", show_default=True,
-              help="compute (train_flops), params, images (images_seen) or any column name.")
+              help="Any column name; when the table has no column of that name, compute means train_flops "
+                   "and images means images_seen.")
 @click.option("--y", "y", default="fid", show_default=True, help="fid, nll or any column name.")
 @click.option("--fit", "form", type=click.Choice(scaling.FORMS), default=None,
               help="saturating: E + A x^-alpha (default); power: A x^-alpha; fixed-E: E0 + A x^-alpha.")

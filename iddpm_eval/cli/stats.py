@@ -39,13 +39,15 @@ def stats(source, output, mode, num, seed, batch_size, sfid, save_features, weig
     SOURCE is anything `iddpm-eval fid` accepts (an ADM batch's stored mu/sigma are reused)."""
     from iddpm_core import __version__
     from iddpm_core.data import DataError
+    from iddpm_eval.cli.outputs import check_output
     from iddpm_eval.sources import source_statistics
 
+    check_output(output, "-o/--output")
     try:
         st = source_statistics(source, output, mode=mode, weights=weights, num=num, seed=seed,
                                batch_size=batch_size, sfid=sfid, save_features=save_features,
                                progress=not no_progress, device=device, sample_steps=sample_steps, sampler=sampler)
-    except (DataError, ValueError) as exc:
+    except (DataError, ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
     summary = dict(output=output, source=source, n=st.count, dims=int(st.mu.shape[0]), mode=st.mode,
                    weights_sha256=st.weights_sha256, fingerprint=st.fingerprint, seed=seed, num=num,
