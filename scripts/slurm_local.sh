@@ -12,6 +12,7 @@
 # The cluster is configured for a machine without cgroups: proctrack/linuxproc, task/none,
 # select/cons_tres, no accounting. Daemons and jobs run as root (the caller must be root).
 # Exit status is non-zero with the reason on stderr when the cluster cannot be started.
+# $PYTHON (default python3) picks two free TCP ports for the daemons.
 set -euo pipefail
 
 die() { echo "slurm_local: $*" >&2; exit 1; }
@@ -62,14 +63,16 @@ key=/etc/munge/munge.key
 [[ -s "$key" ]] || die "$key is missing (the munge package creates it; run 'mungekey --create' as root)"
 
 # ---- free TCP ports for the two daemons
-read -r ctld_port slurmd_port < <(python3 - <<'EOF'
+ports=$("${PYTHON:-python3}" - <<'EOF'
 import socket
 socks = [socket.socket() for _ in range(2)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(*[s.getsockname()[1] for s in socks])
 EOF
-)
+) || true
+read -r ctld_port slurmd_port <<< "$ports" || true
+[[ -n "${slurmd_port:-}" ]] || die "could not pick two free TCP ports with ${PYTHON:-python3}"
 host=$(hostname -s)
 cpus=$(nproc)
 mkdir -p "$dir"/state "$dir"/spool "$dir"/log

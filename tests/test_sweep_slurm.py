@@ -35,7 +35,8 @@ def slurm_cluster(tmp_path, monkeypatch):
         pytest.fail("the Slurm integration test needs root (it installs slurm-wlm/munge and starts slurmctld, "
                     "slurmd and munged); run it as root, or skip it explicitly with IDDPM_SKIP_SLURM=1")
     d = tmp_path / "slurm"
-    done = subprocess.run(["bash", str(SCRIPT), "start", str(d)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(["bash", str(SCRIPT), "start", str(d)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHON": sys.executable})
     if done.returncode != 0:
         subprocess.run(["bash", str(SCRIPT), "stop", str(d)], capture_output=True, timeout=60)
         pytest.fail(f"could not start Slurm with {SCRIPT}: {done.stderr.strip()[-2000:]}")
