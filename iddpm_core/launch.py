@@ -69,11 +69,14 @@ class LauncherOptions:
     wait: bool | None = None  # None: local waits, Slurm returns after submitting
     threads: int | None = None
 
-    def resolved_threads(self) -> int:
+    def resolved_threads(self) -> int | None:
+        """Torch threads per job; None (torch's default) for Slurm jobs without --cpus-per-task."""
         if self.threads:
             return self.threads
         if self.cpus_per_task:
             return self.cpus_per_task
+        if self.name == "slurm":
+            return None
         return max(1, (os.cpu_count() or 1) // max(1, self.max_parallel or 1))
 
 
@@ -274,6 +277,7 @@ def launch(out_dir: str | os.PathLike, runs: Sequence[RunSpec], opts: LauncherOp
     """Submit a job for every unfinished run (see the module docstring) and, when waiting, wait for
     them; returns what happened (``failed`` lists runs whose job ended unfinished)."""
     out = Path(out_dir).resolve()
+    table_copy = str(Path(table_copy).resolve()) if table_copy else None  # jobs may start elsewhere
     evaluated = eval_hook is not None
     prepare(out, runs, dict(eval_settings or {}) if evaluated else None)
     if eval_hook is not None:
@@ -341,12 +345,14 @@ def status(out_dir: str | os.PathLike) -> list[dict]:
     if not (out / "runs").is_dir():
         raise SweepError(f"{out}: not a sweep folder (no runs/)")
     rows = []
-    for run_json in sorted((out / "runs").glob("*/run.json")):
-        info = _read_json(run_json) or {}
+    found = [(_read_json(p) or {}, p) for p in (out / "runs").glob("*/run.json")]
+    for info, run_json in sorted(found, key=lambda t: (t[0].get("index", 1 << 30), t[1].parent.name)):
         name = run_json.parent.name
         done = read_rows(run_json.parent / "rows.csv")
         st = job_state(out, name)
-        rows.append({"run": name, "rows": f"{len(done)}/{len(info.get('steps') or []) or '?'}", "last_step": max((int(r["step"]) for r in done), default=0),
+        expected = len(info.get("steps") or []) or "?"
+        rows.append({"run": name, "rows": f"{len(done)}/{expected}",
+                     "last_step": max((int(r["step"]) for r in done), default=0),
                      "job_id": st.get("job_id", ""), "launcher": st.get("launcher", ""),
                      "state": st.get("state", "never submitted"), "submitted": st.get("submitted", ""),
                      "stdout": st.get("stdout", ""), "stderr": st.get("stderr", ""), "error": st.get("error", "")})

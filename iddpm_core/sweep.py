@@ -359,7 +359,7 @@ def _check_sweep_json(out: Path, eval_settings: dict | None) -> None:
 
 def _check_run_json(run_dir: Path, run: RunSpec) -> None:
     path = run_dir / "run.json"
-    mine = {"name": run.name, "width": run.width, "depth": run.depth, "objective": run.objective,
+    mine = {"name": run.name, "index": run.index, "width": run.width, "depth": run.depth, "objective": run.objective,
             "schedule": run.schedule, "seed": run.seed, "steps": list(run.steps), "config_hash": run.config_hash,
             "identity": run.identity()}
     if path.exists():
@@ -371,7 +371,7 @@ def _check_run_json(run_dir: Path, run: RunSpec) -> None:
                      if a.get(s, {}).get(k) != b.get(s, {}).get(k)]
             raise SweepError(f"{path}: run {run.name} was trained with another config ({', '.join(diffs) or 'hash'} "
                              "differ); use another --out folder")
-    if not path.exists() or old.get("steps") != mine["steps"]:
+    if not path.exists() or (old.get("steps"), old.get("index")) != (mine["steps"], mine["index"]):
         write_text(path, json.dumps(mine, indent=2, sort_keys=True) + "\n")
 
 
