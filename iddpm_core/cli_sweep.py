@@ -1,14 +1,17 @@
-"""`iddpm-train sweep`: a grid of training runs over width x depth, evaluated at checkpoint steps
-into one sweep table. Flags only; the work is :func:`iddpm_core.sweep.run_sweep`.
+"""`iddpm-train sweep`: a grid of training runs (from a TOML spec, ``--spec``, or from flags for
+small width x depth grids), each a job (``--launcher local|slurm``), evaluated at checkpoint steps
+into one sweep table; ``--status DIR`` shows the jobs. Flags only; the work is
+:mod:`iddpm_core.sweep_spec` (the spec), :mod:`iddpm_core.launch` (the jobs) and
+:mod:`iddpm_core.sweep` (one run, the table).
 
 Every model / diffusion / training flag of ``iddpm-train run`` is accepted too (shared with it),
 except those the sweep sets per run: ``--base-channels`` (from ``--widths``), ``--num-res-blocks``
-(from ``--depths``) and ``--steps`` (the checkpoint steps here).
+(from ``--depths``) and ``--steps`` (the checkpoint steps here). With ``--spec`` such flags, and
+the evaluation and launcher flags, override the spec when given explicitly.
 """
 
 from __future__ import annotations
 
-import importlib
 import shlex
 import sys
 from pathlib import Path
@@ -33,28 +36,46 @@ def _int_list(ctx, param, value):
     return vals
 
 
-def resolve_hook(spec: str, explicit: bool):
-    """``MODULE:FUNC`` -> the function; ``none`` -> None. When the default hook's module is not
-    installed, warn and return None (only the training columns are then filled)."""
+def resolve_hook(spec: str, explicit: bool) -> str | None:
+    """``MODULE:FUNC`` checked importable -> the same string; ``none`` -> None. When the default
+    hook's module is not installed, warn and return None (only the training columns are filled)."""
+    from iddpm_core.sweep import SweepError, load_hook
+
     if spec.lower() in ("none", ""):
         return None
-    if ":" not in spec:
-        raise click.UsageError(f"--eval-hook must be MODULE:FUNC or 'none', got {spec!r}")
-    mod_name, func_name = spec.split(":", 1)
+    if spec == "default":
+        spec, explicit = DEFAULT_HOOK, False
+    if ":" in spec and not explicit:
+        try:
+            import importlib
+            importlib.import_module(spec.split(":", 1)[0])
+        except ModuleNotFoundError as exc:
+            if exc.name and spec.split(":", 1)[0].startswith(exc.name):
+                click.echo(f"warning: {spec.split(':')[0]} is not installed: the sweep fills the training columns "
+                           "only (rerun with iddpm_eval installed to add FID and bits/dim)", err=True)
+                return None
     try:
-        mod = importlib.import_module(mod_name)
-    except ModuleNotFoundError as exc:
-        if not explicit and exc.name and mod_name.startswith(exc.name):
-            click.echo(f"warning: {mod_name} is not installed: the sweep fills the training columns only "
-                       "(rerun with iddpm_eval installed to add FID and bits/dim)", err=True)
-            return None
-        raise click.UsageError(f"--eval-hook {spec}: cannot import {mod_name} ({exc})") from exc
-    fn = mod
-    for part in func_name.split("."):
-        fn = getattr(fn, part, None)
-    if not callable(fn):
-        raise click.UsageError(f"--eval-hook {spec}: {mod_name} has no callable {func_name}")
-    return fn
+        load_hook(spec)
+    except SweepError as exc:
+        raise click.UsageError(f"--eval-hook {exc}".replace("--eval-hook eval hook ", "--eval-hook ")) from exc
+    return spec
+
+
+def check_eval_settings(hook: str | None, settings: dict) -> dict:
+    """The hook module's ``check_settings(settings) -> dict`` when it has one (unknown keys and
+    wrong types are refused before any job starts); the settings unchanged otherwise."""
+    if hook is None:
+        return {}
+    import importlib
+
+    check = getattr(importlib.import_module(hook.split(":", 1)[0]), "check_settings", None)
+    if check is None:
+        return settings
+    try:
+        check(settings)
+    except ValueError as exc:
+        raise click.UsageError(f"evaluation settings: {exc}") from exc
+    return settings
 
 
 def command_line() -> str:
@@ -92,18 +113,54 @@ def _base_config(ctx, config_file, flags) -> dict:
     return base
 
 
+EVAL_FLAGS = {"fid_num": "fid_num", "fid_steps": "fid_steps", "fid_sampler": "fid_sampler", "fid_ref": "fid_ref",
+              "fid_ref_num": "fid_ref_num", "fid_bootstrap": "fid_bootstrap", "fid_mode": "fid_mode",
+              "fid_weights": "fid_weights", "nll_num": "nll_num", "nll_estimate": "nll_estimate",
+              "nll_data": "nll_data", "eval_seed": "seed"}
+LAUNCH_FLAGS = ("launcher", "max_parallel", "time", "partition", "account", "cpus_per_task", "gpus_per_task",
+                "sbatch", "wait")
+
+
+def _explicit(ctx, name) -> bool:
+    return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+
+
+def _print_status(out_dir: str) -> None:
+    from iddpm_core.launch import status
+    from iddpm_core.sweep import SweepError
+
+    try:
+        rows = status(out_dir)
+    except SweepError as exc:
+        raise click.UsageError(f"--status {exc}") from exc
+    cols = ("run", "rows", "last_step", "launcher", "job_id", "state", "submitted")
+    width = {c: max([len(c)] + [len(str(r[c])) for r in rows]) for c in cols}
+    click.echo("  ".join(c.ljust(width[c]) for c in cols))
+    for r in rows:
+        click.echo("  ".join(str(r[c]).ljust(width[c]) for c in cols))
+    for r in rows:
+        if r["state"] not in ("COMPLETED", "never submitted") and r["stderr"]:
+            click.echo(f"{r['run']}: {r['state']}" + (f" ({r['error']})" if r["error"] else "")
+                       + f"; log {r['stderr']}")
+
+
 @click.command("sweep")
-@click.option("--widths", required=True, callback=_int_list, help="Base channel counts, e.g. '16,32,64'.")
-@click.option("--depths", default="1", show_default=True, callback=_int_list, help="Res blocks per level, e.g. '1,2'.")
-@click.option("--steps", "ckpt_steps", required=True, callback=_int_list,
+@click.option("--spec", "spec_file", type=click.Path(dir_okay=False), default=None,
+              help="TOML sweep spec: [grid], base [model]/[diffusion]/[train], [eval], [launcher] "
+                   "(see iddpm_core/sweep_spec.py); explicit flags override it.")
+@click.option("--status", "status_dir", type=click.Path(file_okay=False), default=None,
+              help="Show the runs and jobs of this sweep folder (rows done, job id, state, logs) and exit.")
+@click.option("--widths", callback=_int_list, default=None, help="Base channel counts, e.g. '16,32,64'.")
+@click.option("--depths", default=None, callback=_int_list, help="Res blocks per level, e.g. '1,2' (default 1).")
+@click.option("--steps", "ckpt_steps", default=None, callback=_int_list,
               help="Checkpoint steps evaluated along every run, e.g. '250,500,1000' (trains to the largest).")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Sweep folder: sweep.csv, sweep.json, runs/<run>/.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Sweep folder: sweep.csv, sweep.json, runs/<run>/, jobs/, submitit/.")
 @click.option("--table", "table_copy", type=click.Path(dir_okay=False), default=None,
               help="Also write the merged sweep table here (e.g. results/scaling/sweep.csv).")
-@click.option("--eval-hook", default=DEFAULT_HOOK, show_default=True,
+@click.option("--eval-hook", default="default", show_default=True,
               help="MODULE:FUNC called as FUNC(checkpoint_path, run_info) -> dict of columns; 'none' = training "
-                   "columns only (also what happens when iddpm_eval is not installed).")
+                   f"columns only; 'default' = {DEFAULT_HOOK} (training columns only when iddpm_eval is missing).")
 @click.option("--fid-num", type=click.IntRange(min=0), default=256, show_default=True,
               help="Samples per checkpoint for FID (0 = no FID).")
 @click.option("--fid-steps", type=click.IntRange(min=1), default=25, show_default=True, help="Sampling steps for FID.")
@@ -121,54 +178,116 @@ def _base_config(ctx, config_file, flags) -> dict:
               help="Timesteps per image of the unbiased bits/dim estimate (0 = the exact bound over all T).")
 @click.option("--nll-data", default=None, help="Images for bits/dim (default: the training --data).")
 @click.option("--eval-seed", type=int, default=0, show_default=True, help="Seed of sampling, subsets and the NLL noise.")
-@click.option("--worker", type=click.IntRange(min=0), default=0, show_default=True,
-              help="This worker's number: it takes the runs whose grid index is WORKER mod WORKERS.")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Number of workers sharing --out (see --worker); or start the same command several times: "
-                   "runs are claimed with lock files.")
+@click.option("--launcher", type=click.Choice(["local", "slurm", "inline"]), default="local", show_default=True,
+              help="local: each run a submitit job on this machine; slurm: each run a Slurm job (submitit); "
+                   "inline: the runs one after the other in this process (debugging).")
+@click.option("--max-parallel", type=click.IntRange(min=1), default=None,
+              help="Jobs running at once (local: default 1; slurm: the array's %N limit, default none).")
+@click.option("--time", type=click.IntRange(min=1), default=None,
+              help="Minutes per job (Slurm --time; default 1440); a timed-out job is requeued and resumes.")
+@click.option("--partition", default=None, help="Slurm partition.")
+@click.option("--account", default=None, help="Slurm account.")
+@click.option("--cpus-per-task", type=click.IntRange(min=1), default=None,
+              help="Slurm --cpus-per-task (also the job's torch threads).")
+@click.option("--gpus-per-task", type=click.IntRange(min=0), default=None, help="Slurm --gpus-per-task.")
+@click.option("--sbatch", multiple=True, help="Extra sbatch flag, e.g. --sbatch=--qos=high (repeatable).")
+@click.option("--wait/--no-wait", default=None,
+              help="Wait for the jobs to end (default: local waits, slurm returns once they are submitted).")
 @click.option("--only", default=None, help="Comma-separated run names (e.g. 'w32_d1') to do; others are left alone.")
-@click.option("--break-locks", is_flag=True, help="Take over run locks left by other hosts (after a crash).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.pass_context
-def sweep(ctx, widths, depths, ckpt_steps, out_dir, table_copy, eval_hook, fid_num, fid_steps, fid_sampler, fid_ref,
-          fid_ref_num, fid_bootstrap, fid_mode, fid_weights, nll_num, nll_estimate, nll_data, eval_seed, worker,
-          workers, only, break_locks, progress, config_file, **flags):
-    """Train a width x depth grid of runs to each of --steps and evaluate every checkpoint
-    (FID with a bootstrap interval, bits/dim with its standard error) into OUT/sweep.csv: one row
-    per run and checkpoint with params, train_flops, images_seen, fid, nll, the config, the command
-    line and the git commit. Finished checkpoints are skipped on rerun; an interrupted sweep
-    continues where it stopped. Fit it with `iddpm-eval scaling OUT/sweep.csv`.
-
-    The evaluation runs through --eval-hook; without iddpm_eval installed only the training columns
-    are filled. Spread the runs over processes or machines sharing OUT with --worker/--workers, or
-    start the same command several times (each run is claimed by a lock file)."""
+def sweep(ctx, spec_file, status_dir, widths, depths, ckpt_steps, out_dir, table_copy, eval_hook, fid_num, fid_steps,
+          fid_sampler, fid_ref, fid_ref_num, fid_bootstrap, fid_mode, fid_weights, nll_num, nll_estimate, nll_data,
+          eval_seed, launcher, max_parallel, time, partition, account, cpus_per_task, gpus_per_task, sbatch, wait,
+          only, progress, config_file, **flags):
+    """Train a grid of runs to each checkpoint step and evaluate every checkpoint (FID with a
+    bootstrap interval, bits/dim with its standard error) into OUT/sweep.csv: one row per run and
+    checkpoint with params, train_flops, images_seen, fid, nll, the config, the command line, the
+    git commit and the job id. Each run is a job: `--launcher local` (processes on this machine, at
+    most --max-parallel at once) or `--launcher slurm`. Finished runs are skipped on rerun; a
+    killed, cancelled or preempted job resumes from its last checkpoint. Fit the table with
+    `iddpm-eval scaling OUT/sweep.csv`; `--status OUT` shows the jobs."""
     from iddpm_core.config import RunConfig
+    from iddpm_core.launch import LauncherOptions, launch
     from iddpm_core.sweep import SweepError, make_grid, run_sweep
+    from iddpm_core.sweep_spec import check_launcher, load_spec
 
-    hook_explicit = ctx.get_parameter_source("eval_hook") == ParameterSource.COMMANDLINE
-    evaluate = resolve_hook(eval_hook, hook_explicit)
-    if worker >= workers:
-        raise click.UsageError(f"--worker {worker} must be smaller than --workers {workers}")
-    eval_settings = {"fid_num": fid_num, "fid_steps": fid_steps, "fid_sampler": fid_sampler, "fid_ref": fid_ref,
-                     "fid_ref_num": fid_ref_num, "fid_bootstrap": fid_bootstrap, "fid_mode": fid_mode,
-                     "fid_weights": fid_weights, "nll_num": nll_num, "nll_estimate": nll_estimate,
-                     "nll_data": nll_data, "seed": eval_seed}
-    if evaluate is None:
-        eval_settings = {}
+    if status_dir is not None:
+        _print_status(status_dir)
+        return
+    if out_dir is None:
+        raise click.UsageError("--out is required (the sweep folder)")
     command = command_line()
+    eval_flags = dict(fid_num=fid_num, fid_steps=fid_steps, fid_sampler=fid_sampler, fid_ref=fid_ref,
+                      fid_ref_num=fid_ref_num, fid_bootstrap=fid_bootstrap, fid_mode=fid_mode, fid_weights=fid_weights,
+                      nll_num=nll_num, nll_estimate=nll_estimate, nll_data=nll_data, eval_seed=eval_seed)
     try:
-        base = RunConfig.from_dict(_base_config(ctx, config_file, flags), where="command line")
-        runs = make_grid(base, widths, depths, ckpt_steps)
-        res = run_sweep(out_dir, runs, evaluate, eval_settings=eval_settings,
-                        eval_hook=eval_hook if evaluate is not None else None, worker=worker, num_workers=workers,
-                        only=[s.strip() for s in only.split(",") if s.strip()] if only else None, command=command,
-                        table_copy=table_copy, break_locks=break_locks, progress=progress)
+        if spec_file:
+            if widths or depths or ckpt_steps:
+                raise click.UsageError("--widths/--depths/--steps come from the spec's [grid] with --spec")
+            spec = load_spec(spec_file, _flag_overrides(ctx, flags))
+            runs, hook_spec, launch_d = spec.runs, spec.eval_hook, dict(spec.launcher)
+            hook_explicit = spec.eval_hook != "default"
+            settings = dict(spec.eval_settings)
+            settings.update({key: eval_flags[flag] for flag, key in EVAL_FLAGS.items() if _explicit(ctx, flag)})
+        else:
+            if not widths or not ckpt_steps:
+                raise click.UsageError("give --spec FILE, or --widths and --steps")
+            base = RunConfig.from_dict(_base_config(ctx, config_file, flags), where="command line")
+            runs = make_grid(base, widths, depths or (1,), ckpt_steps)
+            hook_spec, hook_explicit, launch_d = eval_hook, _explicit(ctx, "eval_hook"), {}
+            settings = {key: eval_flags[flag] for flag, key in EVAL_FLAGS.items()}
+        if _explicit(ctx, "eval_hook"):
+            hook_spec, hook_explicit = eval_hook, True
+        given = {"name": launcher, "max_parallel": max_parallel, "time": time, "partition": partition,
+                 "account": account, "cpus_per_task": cpus_per_task, "gpus_per_task": gpus_per_task,
+                 "sbatch": list(sbatch), "wait": wait}
+        for k, v in given.items():
+            if _explicit(ctx, "launcher" if k == "name" else k):
+                launch_d[k] = v
+        launch_d = check_launcher("launcher options", launch_d)
+    except SweepError as exc:
+        raise click.UsageError(str(exc)) from exc
+    hook = resolve_hook(hook_spec, hook_explicit)
+    settings = check_eval_settings(hook, settings)
+    only_names = [s.strip() for s in only.split(",") if s.strip()] if only else None
+    opts = LauncherOptions(**{k: tuple(v) if k == "sbatch" else v for k, v in launch_d.items()})
+    try:
+        from iddpm_core.sweep import select
+
+        runs = select(runs, only_names)
+        if opts.name == "inline":
+            from iddpm_core.sweep import load_hook
+
+            res = run_sweep(out_dir, runs, load_hook(hook), eval_settings=settings, eval_hook=hook,
+                            command=command, table_copy=table_copy, progress=progress)
+        else:
+            res = launch(out_dir, runs, opts, eval_hook=hook, eval_settings=settings, command=command,
+                         table_copy=table_copy, echo=click.echo if progress else None)
     except (SweepError, ValueError, FileNotFoundError) as exc:
         raise click.UsageError(str(exc)) from exc
     click.echo(f"sweep table: {res.table} ({res.rows} rows)" + (f", copied to {table_copy}" if table_copy else ""))
-    click.echo(f"trained {len(res.trained)} segment(s), evaluated {len(res.evaluated)} checkpoint(s), "
-               f"{len(res.skipped)} run(s) already complete" + (f", busy elsewhere: {', '.join(res.busy)}"
-                                                               if res.busy else ""))
+    if opts.name == "inline":
+        click.echo(f"trained {len(res.trained)} segment(s), evaluated {len(res.evaluated)} checkpoint(s), "
+                   f"{len(res.skipped)} run(s) already complete")
+        return
+    click.echo(f"submitted {len(res.submitted)} job(s), {len(res.skipped)} run(s) already complete"
+               + (f", still running: {', '.join(res.busy)}" if res.busy else ""))
+    if res.failed:
+        raise click.ClickException("jobs ended before their run was finished (rerun the same command to resume "
+                                   "them):\n  " + "\n  ".join(res.failed))
+
+
+def _flag_overrides(ctx, flags) -> dict:
+    """Explicit model / diffusion / training flags as {section: {field: value}} (over a spec)."""
+    from iddpm_core.cli import FLAGS
+
+    out: dict = {"model": {}, "diffusion": {}, "train": {}}
+    for name, value in flags.items():
+        if _explicit(ctx, name) and name in FLAGS:
+            section, field, conv = FLAGS[name]
+            out[section][field] = value if isinstance(value, bool) else conv(value)
+    return out
 
 
 # The model / diffusion / training flags of `iddpm-train run`, shared so the two stay in step.

@@ -1,43 +1,47 @@
-"""Scaling sweeps: a grid of training runs over model size (width x depth) and training length,
-evaluated at chosen checkpoints into one sweep table.
+"""Sweeps: a grid of training runs (model width x depth, objectives, schedules, seeds) trained to
+chosen checkpoint steps and evaluated at each into one sweep table. The grid comes from a TOML spec
+(:mod:`iddpm_core.sweep_spec`) or from flags; each run is one job (:mod:`iddpm_core.launch`:
+submitit, local processes or Slurm). This module does the work of one run and keeps the table.
 
 Layout of a sweep folder ``OUT``::
 
     OUT/sweep.json              evaluation settings (a rerun must match them; runs may be added)
     OUT/sweep.csv               the sweep table: one row per run and checkpoint (all runs merged)
-    OUT/runs/<run>/run.json     the run's identity (width, depth, config, config hash)
-    OUT/runs/<run>/rows.csv     the run's evaluated checkpoints (written only by the run's owner)
-    OUT/runs/<run>/log.jsonl    what happened: segments trained and checkpoints evaluated, by whom
+    OUT/runs/<run>/run.json     the run's identity (axes, config, config hash)
+    OUT/runs/<run>/rows.csv     the run's evaluated checkpoints (written only by the run's job)
+    OUT/runs/<run>/log.jsonl    what happened: segments trained, checkpoints evaluated, requeues, by whom
     OUT/runs/<run>/...          the trainer's output (checkpoints/, metrics.csv, tb/, samples/)
+    OUT/jobs/<run>.json         the run's latest job: launcher, job id, submitit folder, logs, state
+    OUT/jobs/history.jsonl      every submission
+    OUT/submitit/<job id>/      submitit's pickles and the job's stdout / stderr
 
-A run named ``w<width>_d<depth>`` trains with ``model.base_channels = width`` and
-``model.num_res_blocks = depth`` to each checkpoint step in turn (the trainer resumes exactly,
-so checkpoints along one run equal separate runs of those lengths with the same constant learning
-rate schedule) and, at each, calls ``evaluate(checkpoint_path, run_info) -> dict``; the
-returned numbers (``fid``, ``fid_ci_low``, ``fid_ci_high``, ``nll``, ``nll_stderr``, ...) become
-columns of the row. Without ``evaluate`` only the training columns are filled; a later rerun
-with an evaluator fills the missing evaluations from the kept checkpoints.
+A run named ``w<width>_d<depth>`` (plus ``_<objective>``, ``_<schedule>``, ``_s<seed>`` for the
+axes a spec lists) trains with ``model.base_channels = width`` and ``model.num_res_blocks = depth``
+to each checkpoint step in turn (the trainer resumes exactly, so checkpoints along one run equal
+separate runs of those lengths with the same constant learning rate schedule) and, at each, calls
+``evaluate(checkpoint_path, run_info) -> dict``; the returned numbers (``fid``, ``fid_ci_low``,
+``fid_ci_high``, ``nll``, ``nll_stderr``, ...) become columns of the row. Without ``evaluate``
+only the training columns are filled; a later rerun with an evaluator fills the missing
+evaluations from the kept checkpoints.
 
-Reruns and interruptions. Each row is appended to ``rows.csv`` atomically as soon as its
-checkpoint is evaluated, and ``sweep.csv`` is re-merged from all ``rows.csv`` under a file lock.
-A rerun skips every checkpoint that already has a row, evaluates checkpoints that were trained
-but not evaluated, and resumes training from the run's ``latest.pt``.
+Reruns and interruptions. Each row is written to ``rows.csv`` atomically as soon as its checkpoint
+is evaluated, and ``sweep.csv`` is re-merged from all ``rows.csv`` under a file lock (jobs run in
+parallel). A rerun skips every checkpoint that already has a row, evaluates checkpoints that were
+trained but not evaluated, and resumes training from the run's ``latest.pt`` (written every
+``train.save_interval`` steps and at each checkpoint step), so a killed, cancelled or preempted
+job loses at most the steps since its last save and the resumed run computes what an
+uninterrupted one computes.
 
-Several processes or machines sharing ``OUT``. Runs are independent. Either
-
-* give each worker a share of the grid: ``worker=i, num_workers=n`` takes the runs whose grid
-  index is ``i mod n`` (e.g. ``--worker $SLURM_ARRAY_TASK_ID --workers $SLURM_ARRAY_TASK_COUNT``), or
-* start the same command several times: a worker claims a run with a lock file
-  (``runs/<run>/.lock``, created exclusively) and skips runs another live worker holds.
-
-A lock left by a killed process on the same host is taken over once its process is gone; locks
-from other hosts are only broken with ``break_locks=True``. The sweep itself does not run under
-``torchrun`` (its ranks would claim each other's runs): start workers as separate processes, each
-with its share of the cores (e.g. ``OMP_NUM_THREADS``); to train one large run with DDP, use
-``iddpm-train run`` under torchrun.
+Scheduling is submitit's (:mod:`iddpm_core.launch`). What this project once did itself, lock
+files claiming runs in a shared folder and ``--worker i --workers n`` splitting the grid, is gone:
+a job per run, submitted by one command, needs no claims, and Slurm (or the local launcher's
+``--max-parallel``) decides what runs where. The one thing submitit does not do, keeping a second
+invocation of the sweep from submitting a run whose job is still pending or running, is done from
+the job records in ``OUT/jobs/``. The sweep does not run under ``torchrun`` (its ranks would
+submit the same jobs); to train one large run with DDP, use ``iddpm-train run`` under torchrun.
 
 ``iddpm_core`` never imports ``iddpm_eval``: the evaluator is passed in (the CLI resolves
-``--eval-hook MODULE:FUNC``).
+``--eval-hook MODULE:FUNC``, which the jobs import by name).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import copy
 import csv
 import datetime as _dt
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -59,15 +64,15 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from iddpm_core.config import RunConfig
-from iddpm_core.io import pid_alive, write_text
+from iddpm_core.io import write_text
 
 # Leading columns of the sweep table, in order (iddpm_eval.scaling reads run, params, train_flops,
 # images_seen, step, fid, nll and their intervals). Extra columns from the evaluator follow, then
 # the provenance columns.
-COLUMNS = ("run", "run_index", "width", "depth", "step", "params", "train_flops", "images_seen", "flops_per_image",
+COLUMNS = ("run", "run_index", "width", "depth", "objective", "schedule", "seed", "step", "params", "train_flops", "images_seen", "flops_per_image",
            "fid", "fid_ci_low", "fid_ci_high", "nll", "nll_stderr")
 TAIL_COLUMNS = ("checkpoint", "config_hash", "config", "eval_settings", "eval_hook", "train_seconds",
-                "eval_seconds", "worker", "time", "git_commit", "command")
+                "eval_seconds", "worker", "job_id", "time", "git_commit", "command")
 TABLE = "sweep.csv"
 SWEEP_JSON = "sweep.json"
 # Train fields that do not change what a run computes (the trainer lets them change on resume).
@@ -82,9 +87,19 @@ class SweepError(ValueError):
 
 # ----------------------------------------------------------------------------- the grid
 
+# Objectives of the grid's ``objectives`` axis: the diffusion loss, the variance it goes with, and
+# whether the network outputs the variance (Improved DDPM's L_simple uses the fixed variance beta_t).
+OBJECTIVES = {
+    "hybrid": {"loss": "hybrid", "var_type": "learned_range", "learn_sigma": True},
+    "vlb": {"loss": "vlb", "var_type": "learned_range", "learn_sigma": True},
+    "simple": {"loss": "simple", "var_type": "fixed_large", "learn_sigma": False},
+}
+SCHEDULES = ("linear", "cosine")
+
+
 @dataclass
 class RunSpec:
-    """One run of the grid: its name, grid index, size and config (``train.steps`` = last checkpoint)."""
+    """One run of the grid: its name, grid index, axes and config (``train.steps`` = last checkpoint)."""
 
     index: int
     name: str
@@ -92,6 +107,9 @@ class RunSpec:
     depth: int
     steps: tuple[int, ...]
     config: RunConfig
+    objective: str | None = None
+    schedule: str | None = None
+    seed: int | None = None
 
     def identity(self) -> dict:
         """The config fields that decide what the run computes (not its length or logging)."""
@@ -110,46 +128,90 @@ def config_hash(obj) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _positive_ints(values: Sequence[int], what: str) -> tuple[int, ...]:
+def _positive_ints(values: Sequence[int], what: str, minimum: int = 1) -> tuple[int, ...]:
     out = []
     for v in values:
-        if isinstance(v, bool) or int(v) != v or int(v) < 1:
-            raise SweepError(f"{what} must be positive integers, got {list(values)}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or int(v) < minimum:
+            kind = "positive integers" if minimum == 1 else f"integers >= {minimum}"
+            raise SweepError(f"{what} must be {kind}, got {list(values)}")
         out.append(int(v))
     if not out:
-        raise SweepError(f"{what}: give at least one value")
+        raise SweepError(f"{what}: give at least one value (the grid would be empty)")
     if len(set(out)) != len(out):
         raise SweepError(f"{what} repeat a value: {list(values)}")
     return tuple(out)
 
 
-def make_grid(base: RunConfig, widths: Sequence[int], depths: Sequence[int], steps: Sequence[int]) -> list[RunSpec]:
-    """The runs of a widths x depths grid (widths outer), each trained to the checkpoint ``steps``
-    (sorted). ``base`` gives every other setting; each run's model is validated here."""
+def _choices(values: Sequence[str] | None, what: str, allowed) -> tuple:
+    if values is None:
+        return (None,)
+    values = list(values)
+    if not values:
+        raise SweepError(f"{what}: give at least one value (the grid would be empty)")
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise SweepError(f"{what}: unknown value(s) {bad}; choose from {sorted(allowed)}")
+    if len(set(values)) != len(values):
+        raise SweepError(f"{what} repeat a value: {values}")
+    return tuple(values)
+
+
+def make_grid(base: RunConfig, widths: Sequence[int], depths: Sequence[int], steps: Sequence[int], *,
+              objectives: Sequence[str] | None = None, schedules: Sequence[str] | None = None,
+              seeds: Sequence[int] | None = None) -> list[RunSpec]:
+    """The runs of a widths x depths x objectives x schedules x seeds grid (in that order, widths
+    outermost), each trained to the checkpoint ``steps`` (sorted). ``base`` gives every other
+    setting; an axis left None keeps the base's value and stays out of the run names. Each run's
+    model is validated here."""
     widths = _positive_ints(widths, "widths")
     depths = _positive_ints(depths, "depths")
     steps = tuple(sorted(_positive_ints(steps, "steps")))
+    objectives = _choices(objectives, "objectives", OBJECTIVES)
+    schedules = _choices(schedules, "schedules", SCHEDULES)
+    seeds = (None,) if seeds is None else _positive_ints(seeds, "seeds", minimum=0)
     runs = []
-    for w in widths:
-        for d in depths:
-            cfg = copy.deepcopy(base)
-            cfg.model.base_channels = w
-            cfg.model.num_res_blocks = d
-            cfg.train.steps = steps[-1]
-            try:
-                cfg.model.validate()
-            except ValueError as exc:
-                raise SweepError(f"run w{w}_d{d}: {exc}") from exc
-            runs.append(RunSpec(len(runs), f"w{w}_d{d}", w, d, steps, cfg))
+    for w, d, obj, sched, seed in itertools.product(widths, depths, objectives, schedules, seeds):
+        name = f"w{w}_d{d}" + (f"_{obj}" if obj else "") + (f"_{sched}" if sched else "") + \
+            (f"_s{seed}" if seed is not None else "")
+        cfg = copy.deepcopy(base)
+        cfg.model.base_channels = w
+        cfg.model.num_res_blocks = d
+        cfg.train.steps = steps[-1]
+        if obj is not None:
+            o = OBJECTIVES[obj]
+            cfg.diffusion.loss, cfg.diffusion.var_type, cfg.model.learn_sigma = o["loss"], o["var_type"], o["learn_sigma"]
+        if sched is not None:
+            cfg.diffusion.schedule = sched
+        if seed is not None:
+            cfg.train.seed = seed
+        try:
+            cfg.model.validate()
+            from iddpm_core.diffusion.config import build_diffusion
+            build_diffusion(cfg.diffusion)  # refuses e.g. a linear schedule with T <= 20
+        except ValueError as exc:
+            raise SweepError(f"run {name}: {exc}") from exc
+        runs.append(RunSpec(len(runs), name, w, d, steps, cfg, obj, sched, seed))
     return runs
 
 
-def worker_share(runs: Sequence[RunSpec], worker: int, num_workers: int) -> list[RunSpec]:
-    """The runs of worker ``worker`` of ``num_workers``: grid indices congruent to it."""
-    if num_workers < 1 or not 0 <= worker < num_workers:
-        raise SweepError(f"worker must lie in [0, workers) with workers >= 1, got worker={worker}, "
-                         f"workers={num_workers}")
-    return [r for r in runs if r.index % num_workers == worker]
+def load_hook(spec: str | None):
+    """``MODULE:FUNC`` -> the function (``None``/``"none"`` -> None); errors name the spec."""
+    if spec is None or spec.lower() in ("none", ""):
+        return None
+    if ":" not in spec:
+        raise SweepError(f"eval hook must be MODULE:FUNC or 'none', got {spec!r}")
+    mod_name, func_name = spec.split(":", 1)
+    import importlib
+
+    try:
+        fn = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise SweepError(f"eval hook {spec}: cannot import {mod_name} ({exc})") from exc
+    for part in func_name.split("."):
+        fn = getattr(fn, part, None)
+    if not callable(fn):
+        raise SweepError(f"eval hook {spec}: {mod_name} has no callable {func_name}")
+    return fn
 
 
 # ----------------------------------------------------------------------------- small files
@@ -238,32 +300,11 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def claim(lock: Path, break_locks: bool = False) -> bool:
-    """Create ``lock`` exclusively (holder's host, pid, time inside). If it exists, take it over
-    when its holder is a dead process on this host (or ``break_locks``); else return False."""
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "time": _utc_now()}
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-        except FileExistsError:
-            try:
-                held = json.loads(lock.read_text() or "{}")
-            except (OSError, ValueError):
-                held = {}
-            stale = (held.get("host") == me["host"] and isinstance(held.get("pid"), int)
-                     and not pid_alive(held["pid"]))
-            if held.get("host") == me["host"] and held.get("pid") == me["pid"]:
-                stale = True  # our own leftover (a previous call in this process)
-            if not (stale or break_locks):
-                return False
-            with contextlib.suppress(FileNotFoundError):
-                lock.unlink()
-            continue
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(me))
-        return True
-    return False
+def job_id() -> str:
+    """The submitit / Slurm job this process runs in ("" outside a job)."""
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID") or ""
 
 
 def _log(run_dir: Path, event: dict) -> None:
@@ -290,7 +331,9 @@ class SweepResult:
     trained: list[str] = field(default_factory=list)    # "run@step" segments trained in this call
     evaluated: list[str] = field(default_factory=list)  # "run@step" checkpoints evaluated in this call
     skipped: list[str] = field(default_factory=list)    # runs already complete
-    busy: list[str] = field(default_factory=list)       # runs held by another worker
+    submitted: list[str] = field(default_factory=list)  # "run: job id" submitted in this call
+    busy: list[str] = field(default_factory=list)       # runs whose job is still pending or running
+    failed: list[str] = field(default_factory=list)     # "run: state (log)" of jobs that ended unfinished
 
 
 def _check_sweep_json(out: Path, eval_settings: dict | None) -> None:
@@ -316,7 +359,8 @@ def _check_sweep_json(out: Path, eval_settings: dict | None) -> None:
 
 def _check_run_json(run_dir: Path, run: RunSpec) -> None:
     path = run_dir / "run.json"
-    mine = {"name": run.name, "width": run.width, "depth": run.depth, "config_hash": run.config_hash,
+    mine = {"name": run.name, "index": run.index, "width": run.width, "depth": run.depth, "objective": run.objective,
+            "schedule": run.schedule, "seed": run.seed, "steps": list(run.steps), "config_hash": run.config_hash,
             "identity": run.identity()}
     if path.exists():
         old = json.loads(path.read_text())
@@ -327,7 +371,7 @@ def _check_run_json(run_dir: Path, run: RunSpec) -> None:
                      if a.get(s, {}).get(k) != b.get(s, {}).get(k)]
             raise SweepError(f"{path}: run {run.name} was trained with another config ({', '.join(diffs) or 'hash'} "
                              "differ); use another --out folder")
-    else:
+    if not path.exists() or (old.get("steps"), old.get("index")) != (mine["steps"], mine["index"]):
         write_text(path, json.dumps(mine, indent=2, sort_keys=True) + "\n")
 
 
@@ -352,7 +396,8 @@ def _ckpt_path(run_dir: Path, step: int) -> Path:
 
 
 def _train_to(run: RunSpec, run_dir: Path, step: int, progress: bool, train_fn: Callable) -> float:
-    """Train ``run`` to ``step`` (resuming from latest.pt) so that ``ckpt_<step>.pt`` exists."""
+    """Train ``run`` to ``step`` (resuming from latest.pt) so that ``ckpt_<step>.pt`` exists.
+    ``latest.pt`` is saved every ``train.save_interval`` steps on the way (0: only at ``step``)."""
     from iddpm_core.checkpoint import load_checkpoint
 
     target = _ckpt_path(run_dir, step)
@@ -367,9 +412,12 @@ def _train_to(run: RunSpec, run_dir: Path, step: int, progress: bool, train_fn: 
             return 0.0
     cfg = copy.deepcopy(run.config)
     cfg.train.steps = step
-    cfg.train.save_interval = step  # the trainer then writes ckpt_<step>.pt (and latest.pt)
+    if not cfg.train.save_interval or cfg.train.save_interval > step:
+        cfg.train.save_interval = step
     t0 = time.time()
     train_fn(cfg, run_dir, resume="auto", progress=progress)
+    if not target.exists() and latest.exists() and int(load_checkpoint(latest).get("step", -1)) == step:
+        shutil.copyfile(latest, target)  # the step is not a multiple of save_interval: the final save
     if not target.exists():
         raise SweepError(f"run {run.name}: the trainer finished but wrote no {target}")
     return time.time() - t0
@@ -379,96 +427,117 @@ def _row_done(row: dict, evaluate: Evaluate | None) -> bool:
     return evaluate is None or bool(row.get("eval_hook"))
 
 
-def run_sweep(out_dir: str | os.PathLike, runs: Sequence[RunSpec], evaluate: Evaluate | None = None, *,
-              eval_settings: dict | None = None, eval_hook: str | None = None, worker: int = 0,
-              num_workers: int = 1, only: Sequence[str] | None = None, command: str | None = None,
-              table_copy: str | os.PathLike | None = None, break_locks: bool = False, progress: bool = True,
-              train_fn: Callable | None = None) -> SweepResult:
-    """Train and evaluate this worker's runs of the grid into ``out_dir`` (see the module docstring).
+def run_done(out_dir: str | os.PathLike, run: RunSpec, evaluated: bool) -> bool:
+    """Whether every checkpoint step of ``run`` has its row (with an evaluation when ``evaluated``)."""
+    rows = {int(r["step"]): r for r in read_rows(Path(out_dir) / "runs" / run.name / "rows.csv")}
+    return all(s in rows and (not evaluated or rows[s].get("eval_hook")) for s in run.steps)
 
-    ``evaluate(checkpoint_path, run_info) -> dict`` gets ``run_info`` with run, run_index, width,
-    depth, step, params, train_flops, images_seen, run_dir, out_dir, data and ``eval`` (=
-    ``eval_settings``). ``eval_hook`` names it in the table (default: its module:qualname).
-    ``only``: run names to do (others are left alone). ``command`` (the command line) and the git
-    commit are recorded in every row. ``train_fn`` defaults to :func:`iddpm_core.train.train`.
-    """
-    from tqdm.auto import tqdm
 
+def prepare(out_dir: str | os.PathLike, runs: Sequence[RunSpec], eval_settings: dict | None) -> None:
+    """Checks before any work: no torchrun, a non-empty grid, evaluation settings and run configs
+    that match what the folder already holds (run.json is written for new runs)."""
+    out = Path(out_dir)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SweepError("the sweep does not run under torchrun (WORLD_SIZE > 1): each run is a job of its own; "
+                         "use --launcher local/slurm")
+    if not runs:
+        raise SweepError("the grid has no runs")
+    out.mkdir(parents=True, exist_ok=True)
+    _check_sweep_json(out, eval_settings)
+    for run in runs:
+        _check_run_json(out / "runs" / run.name, run)
+
+
+def run_one(out_dir: str | os.PathLike, run: RunSpec, evaluate: Evaluate | None = None, *,
+            eval_settings: dict | None = None, eval_hook: str | None = None, command: str | None = None,
+            table_copy: str | os.PathLike | None = None, progress: bool = True, train_fn: Callable | None = None,
+            res: "SweepResult | None" = None) -> "SweepResult":
+    """Train and evaluate one run of the grid into ``out_dir`` (what one job does; see the module
+    docstring). ``evaluate(checkpoint_path, run_info) -> dict`` gets ``run_info`` with run,
+    run_index, width, depth, step, params, train_flops, images_seen, run_dir, out_dir, data and
+    ``eval`` (= ``eval_settings``). ``eval_hook`` names it in the table (default: its
+    module:qualname). ``command`` (the command line) and the git commit are recorded in every row.
+    ``train_fn`` defaults to :func:`iddpm_core.train.train`."""
     if train_fn is None:
         from iddpm_core.train import train as train_fn
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     eval_settings = dict(eval_settings or {})
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise SweepError("the sweep does not run under torchrun (WORLD_SIZE > 1): start its workers as separate "
-                         "processes with --worker/--workers, or the same command several times")
-    if not runs:
-        raise SweepError("the grid has no runs")
-    names = [r.name for r in runs]
-    if only:
-        unknown = sorted(set(only) - set(names))
-        if unknown:
-            raise SweepError(f"--only names runs not in the grid: {unknown}; the grid has {names}")
-    _check_sweep_json(out, eval_settings if evaluate is not None else None)
+    if res is None:
+        res = SweepResult(str(out), str(out / TABLE), 0)
     if evaluate is not None and eval_hook is None:
         eval_hook = f"{getattr(evaluate, '__module__', '?')}:{getattr(evaluate, '__qualname__', repr(evaluate))}"
+    run_dir = out / "runs" / run.name
+    rows_path = run_dir / "rows.csv"
+    _check_run_json(run_dir, run)
+    rows = {int(r["step"]): r for r in read_rows(rows_path)}
+    if all(s in rows and _row_done(rows[s], evaluate) for s in run.steps):
+        res.skipped.append(run.name)
+        return res
     commit = git_commit()
+    for step in run.steps:
+        if step in rows and _row_done(rows[step], evaluate):
+            continue
+        ckpt = _ckpt_path(run_dir, step)
+        train_seconds = None
+        if not ckpt.exists():
+            train_seconds = _train_to(run, run_dir, step, progress, train_fn)
+            _log(run_dir, {"event": "trained", "step": step, "seconds": train_seconds})
+            res.trained.append(f"{run.name}@{step}")
+        row = _training_row(run, ckpt, step)
+        row.update(train_seconds=train_seconds, config_hash=run.config_hash, config=run.config.to_dict(),
+                   eval_settings=eval_settings, worker=worker_id(), job_id=job_id(), time=_utc_now(),
+                   git_commit=commit, command=command or "")
+        if evaluate is not None:
+            info = {**row, "run_dir": str(run_dir), "out_dir": str(out), "checkpoint": str(ckpt),
+                    "data": run.config.train.data, "data_root": run.config.train.data_root,
+                    "eval": eval_settings, "progress": progress}
+            info.pop("config", None)
+            t0 = time.time()
+            got = evaluate(str(ckpt), info)
+            if not isinstance(got, dict):
+                raise SweepError(f"the evaluator {eval_hook} returned {type(got).__name__}, not a dict")
+            reserved = set(got) & (set(row) - {"fid", "fid_ci_low", "fid_ci_high", "nll", "nll_stderr"})
+            if reserved:
+                raise SweepError(f"the evaluator {eval_hook} returned reserved columns {sorted(reserved)}")
+            row.update(got)
+            row.update(eval_hook=eval_hook, eval_seconds=time.time() - t0)
+            _log(run_dir, {"event": "evaluated", "step": step, "seconds": row["eval_seconds"]})
+            res.evaluated.append(f"{run.name}@{step}")
+        rows[step] = row
+        write_rows(rows_path, [rows[s] for s in sorted(rows)])
+        merge_table(out, table_copy)
+    return res
+
+
+def run_sweep(out_dir: str | os.PathLike, runs: Sequence[RunSpec], evaluate: Evaluate | None = None, *,
+              eval_settings: dict | None = None, eval_hook: str | None = None, only: Sequence[str] | None = None,
+              command: str | None = None, table_copy: str | os.PathLike | None = None, progress: bool = True,
+              train_fn: Callable | None = None) -> SweepResult:
+    """Every run of the grid, one after the other in this process (``--launcher inline``; the jobs
+    of the other launchers each call :func:`run_one`). ``only``: run names to do."""
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    runs = select(runs, only)
+    prepare(out, runs, dict(eval_settings or {}) if evaluate is not None else None)
     res = SweepResult(str(out), str(out / TABLE), 0)
-    mine = [r for r in worker_share(runs, worker, num_workers) if not only or r.name in only]
-    for run in tqdm(mine, desc="sweep runs", disable=not progress):
-        run_dir = out / "runs" / run.name
-        rows_path = run_dir / "rows.csv"
-        rows = {int(r["step"]): r for r in read_rows(rows_path)}
-        if all(s in rows and _row_done(rows[s], evaluate) for s in run.steps):
-            run_dir.mkdir(parents=True, exist_ok=True)
-            _check_run_json(run_dir, run)
-            res.skipped.append(run.name)
-            continue
-        lock = run_dir / ".lock"
-        if not claim(lock, break_locks):
-            res.busy.append(run.name)
-            continue
-        try:
-            _check_run_json(run_dir, run)
-            rows = {int(r["step"]): r for r in read_rows(rows_path)}  # reread under the lock
-            for step in run.steps:
-                if step in rows and _row_done(rows[step], evaluate):
-                    continue
-                ckpt = _ckpt_path(run_dir, step)
-                train_seconds = None
-                if not ckpt.exists():
-                    train_seconds = _train_to(run, run_dir, step, progress, train_fn)
-                    _log(run_dir, {"event": "trained", "step": step, "seconds": train_seconds})
-                    res.trained.append(f"{run.name}@{step}")
-                row = _training_row(run, ckpt, step)
-                row.update(train_seconds=train_seconds, config_hash=run.config_hash, config=run.config.to_dict(),
-                           eval_settings=eval_settings, worker=worker_id(), time=_utc_now(), git_commit=commit,
-                           command=command or "")
-                if evaluate is not None:
-                    info = {**row, "run_dir": str(run_dir), "out_dir": str(out), "checkpoint": str(ckpt),
-                            "data": run.config.train.data, "data_root": run.config.train.data_root,
-                            "eval": eval_settings, "progress": progress}
-                    info.pop("config", None)
-                    t0 = time.time()
-                    got = evaluate(str(ckpt), info)
-                    if not isinstance(got, dict):
-                        raise SweepError(f"the evaluator {eval_hook} returned {type(got).__name__}, not a dict")
-                    reserved = set(got) & (set(row) - {"fid", "fid_ci_low", "fid_ci_high", "nll", "nll_stderr"})
-                    if reserved:
-                        raise SweepError(f"the evaluator {eval_hook} returned reserved columns {sorted(reserved)}")
-                    row.update(got)
-                    row.update(eval_hook=eval_hook, eval_seconds=time.time() - t0)
-                    _log(run_dir, {"event": "evaluated", "step": step, "seconds": row["eval_seconds"]})
-                    res.evaluated.append(f"{run.name}@{step}")
-                rows[step] = row
-                write_rows(rows_path, [rows[s] for s in sorted(rows)])
-                merge_table(out, table_copy)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                lock.unlink()
+    for run in tqdm(runs, desc="sweep runs", disable=not progress):
+        run_one(out, run, evaluate, eval_settings=eval_settings, eval_hook=eval_hook, command=command,
+                table_copy=table_copy, progress=progress, train_fn=train_fn, res=res)
     table = merge_table(out, table_copy)
     res.rows = len(read_rows(table))
     return res
+
+
+def select(runs: Sequence[RunSpec], only: Sequence[str] | None) -> list[RunSpec]:
+    """The runs named in ``only`` (all when None); unknown names are refused."""
+    if not only:
+        return list(runs)
+    names = [r.name for r in runs]
+    unknown = sorted(set(only) - set(names))
+    if unknown:
+        raise SweepError(f"--only names runs not in the grid: {unknown}; the grid has {names}")
+    return [r for r in runs if r.name in only]
 
 
 def _training_row(run: RunSpec, ckpt: Path, step: int) -> dict:
@@ -478,7 +547,10 @@ def _training_row(run: RunSpec, ckpt: Path, step: int) -> dict:
     c = load_checkpoint(ckpt)
     if int(c.get("step", -1)) != step:
         raise SweepError(f"{ckpt}: holds step {c.get('step')}, expected {step}")
-    return {"run": run.name, "run_index": run.index, "width": run.width, "depth": run.depth, "step": step,
+    cfg = run.config
+    return {"run": run.name, "run_index": run.index, "width": run.width, "depth": run.depth,
+            "objective": run.objective or cfg.diffusion.loss, "schedule": cfg.diffusion.schedule,
+            "seed": cfg.train.seed, "step": step,
             "params": c.get("num_parameters"), "train_flops": c.get("train_flops"),
             "images_seen": c.get("images_seen"), "flops_per_image": c.get("flops_per_image"),
             "checkpoint": os.path.relpath(ckpt, ckpt.parents[3]) if len(ckpt.parents) > 3 else str(ckpt)}

@@ -475,7 +475,9 @@ def evaluate(checkpoint: str | os.PathLike | Loaded, data: str, *, out_dir: str 
         raise NLLError("a loss profile or pilot run is used by --estimate only")
     if profile is not None and pilot:
         raise NLLError("give either a loss profile or a pilot run, not both")
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from iddpm_eval import distributed as dist
+
+    dev = dist.device(device) or ("cuda" if torch.cuda.is_available() else "cpu")
     lm = checkpoint if isinstance(checkpoint, Loaded) else load(checkpoint, ema=ema, device=dev)
     diffusion, model, T = lm.diffusion, lm.model, lm.diffusion.num_timesteps
     src = load_source(data)
@@ -495,18 +497,27 @@ def evaluate(checkpoint: str | os.PathLike | Loaded, data: str, *, out_dir: str 
     p = None
     if estimate:
         prof = load_profile(profile, T) if profile is not None else None
-        if pilot:
-            prof = _pilot_profile(out / PILOT_CSV, diffusion, model, src, min(int(pilot), len(src)), conditional,
-                                  dev, seed=seed, batch_size=batch_size, clip_denoised=clip_denoised,
-                                  exact_cdf=exact_cdf, progress=progress)
+        if pilot:  # one process computes (or reads) the pilot, under torchrun too
+            prof = dist.broadcast(_pilot_profile(out / PILOT_CSV, diffusion, model, src, min(int(pilot), len(src)),
+                                                 conditional, dev, seed=seed, batch_size=batch_size,
+                                                 clip_denoised=clip_denoised, exact_cdf=exact_cdf, progress=progress)
+                                  if dist.is_main() else None)
         p = proposal(T, prof, uniform_mix)
     settings = Settings(checkpoint_sha256=lm.sha256, data=str(data), T=T, seed=int(seed),
                         cdf="exact" if exact_cdf else "tanh", clip_denoised=bool(clip_denoised),
                         ema_rate=lm.ema_rate, estimate=int(estimate) if estimate else None,
                         proposal_sha256=hashlib.sha256(p.tobytes()).hexdigest() if p is not None else None,
                         method=method)
-    out.mkdir(parents=True, exist_ok=True)
-    _settings_check(out / SETTINGS_JSON, settings)
+    error = None
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            _settings_check(out / SETTINGS_JSON, settings)
+        except NLLError as exc:
+            error = str(exc)
+    error = dist.broadcast(error)  # every rank stops, not only the one that found it
+    if error:
+        raise NLLError(error)
 
     images_csv = out / IMAGES_CSV
     stored = _read_images_csv(images_csv)  # rows past --num stay in the file, outside this summary
@@ -522,30 +533,45 @@ def evaluate(checkpoint: str | os.PathLike | Loaded, data: str, *, out_dir: str 
         group = images_per_write or batch_size
     fn = bound_terms if method == "batched" else bound_terms_loop
     t0, n_new = time.time(), 0
-    bar = tqdm(total=n_total, initial=n_total - len(todo), desc="nll images", unit="img", disable=not progress)
-    for g in range(0, len(todo), group):
-        ids = np.asarray(todo[g:g + group], np.int64)
-        images, labels = src.batch(ids)
-        x0 = to_model_range(images).to(dev)
-        lab = torch.as_tensor(labels) if conditional else None
-        if estimate:
-            res = estimate_bound(diffusion, model, x0, estimate, ids, p=p, seed=seed, batch_size=batch_size,
-                                 clip_denoised=clip_denoised, exact_cdf=exact_cdf, labels=lab)
-            var = res["kl_var"]
-        else:
-            res = fn(diffusion, model, x0, ids, seed=seed, batch_size=batch_size, clip_denoised=clip_denoised,
-                     exact_cdf=exact_cdf, labels=lab)
-            var = np.zeros(len(ids))
-            stacked = np.stack([res["vb"], res["xstart_mse"], res["mse"]], axis=1)
-            save_npz(out / PARTS_DIR / f"terms_{ids[0]:08d}_{ids[-1]:08d}.npz", indices=ids, terms=stacked)
-            terms.update({int(i): stacked[j] for j, i in enumerate(ids)})
-        for j, i in enumerate(ids.tolist()):
-            done[i] = stored[i] = {"bpd": res["total_bpd"][j], "prior_bpd": res["prior_bpd"][j],
-                                   "decoder_bpd": res["decoder_bpd"][j], "kl_bpd": res["kl_bpd"][j],
-                                   "kl_var": var[j]}
-        _write_images_csv(images_csv, stored)
-        n_new += len(ids)
-        bar.update(len(ids))
+    bar = tqdm(total=n_total, initial=n_total - len(todo), desc="nll images", unit="img",
+               disable=not progress or not dist.is_main())
+    # Under torchrun rank r takes the r-th of each run of `world` groups (the groups one process
+    # would form, so the same forward passes and numbers); every rank receives every group's
+    # numbers and rank 0 writes them (resume works as with one process).
+    span = group * dist.world()
+    for g in range(0, len(todo), span):
+        lo = g + dist.rank() * group
+        ids = np.asarray(todo[lo:min(lo + group, g + span)], np.int64)
+        part = None
+        if len(ids):
+            images, labels = src.batch(ids)
+            x0 = to_model_range(images).to(dev)
+            lab = torch.as_tensor(labels) if conditional else None
+            if estimate:
+                res = estimate_bound(diffusion, model, x0, estimate, ids, p=p, seed=seed, batch_size=batch_size,
+                                     clip_denoised=clip_denoised, exact_cdf=exact_cdf, labels=lab)
+                var, stacked = res["kl_var"], None
+            else:
+                res = fn(diffusion, model, x0, ids, seed=seed, batch_size=batch_size, clip_denoised=clip_denoised,
+                         exact_cdf=exact_cdf, labels=lab)
+                var = np.zeros(len(ids))
+                stacked = np.stack([res["vb"], res["xstart_mse"], res["mse"]], axis=1)
+            part = (ids, {"bpd": res["total_bpd"], "prior_bpd": res["prior_bpd"], "decoder_bpd": res["decoder_bpd"],
+                          "kl_bpd": res["kl_bpd"], "kl_var": var}, stacked)
+        for got in (dist.D.all_gather_object(part) if dist.active() else [part]):
+            if got is None:
+                continue
+            gids, cols, stacked = got
+            if stacked is not None:
+                if dist.is_main():
+                    save_npz(out / PARTS_DIR / f"terms_{gids[0]:08d}_{gids[-1]:08d}.npz", indices=gids, terms=stacked)
+                terms.update({int(i): stacked[j] for j, i in enumerate(gids)})
+            for j, i in enumerate(gids.tolist()):
+                done[i] = stored[i] = {c: cols[c][j] for c in IMAGE_COLUMNS[1:]}
+            n_new += len(gids)
+            bar.update(len(gids))
+        if dist.is_main():
+            _write_images_csv(images_csv, stored)
     bar.close()
     elapsed = time.time() - t0
 
@@ -568,15 +594,18 @@ def evaluate(checkpoint: str | os.PathLike | Loaded, data: str, *, out_dir: str 
     else:
         stack = np.stack([terms[i] for i in keys])
         table = breakdown(stack[:, 0], stack[:, 1], stack[:, 2])
-        write_breakdown(out / TERMS_CSV, table)
-        plot_breakdown(out / TERMS_PNG, table, f"{Path(lm.path).name} on {data}: {bpd:.4f} bits/dim, "
-                                              f"n = {len(keys)}, T = {T}")
+        if dist.is_main():
+            write_breakdown(out / TERMS_CSV, table)
+            plot_breakdown(out / TERMS_PNG, table, f"{Path(lm.path).name} on {data}: {bpd:.4f} bits/dim, "
+                                                  f"n = {len(keys)}, T = {T}")
         summary["terms_csv"] = str(out / TERMS_CSV)
         summary["terms_png"] = str(out / TERMS_PNG)
     from iddpm_eval.provenance import provenance
 
     summary["provenance"] = provenance()
-    write_text(out / SUMMARY_JSON, json.dumps(_jsonable(summary), indent=2, sort_keys=True) + "\n")
+    summary["processes"] = dist.world()
+    if dist.is_main():
+        write_text(out / SUMMARY_JSON, json.dumps(_jsonable(summary), indent=2, sort_keys=True) + "\n")
     return summary
 
 

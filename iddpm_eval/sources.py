@@ -124,9 +124,11 @@ def _resolve_checkpoint(spec: str, options: dict) -> Resolved | None:
     path = Path(spec)
     if path.suffix not in CHECKPOINT_SUFFIXES or not path.is_file():
         return None
+    from iddpm_eval import distributed as dist
+
     src = CheckpointSource(path, options.get("num"), seed=options.get("seed") or 0,
                            batch_size=options.get("batch_size") or 64, steps=options.get("sample_steps"),
-                           sampler=options.get("sampler") or "ddpm", device=options.get("device"))
+                           sampler=options.get("sampler") or "ddpm", device=dist.device(options.get("device")))
     return Resolved(spec, "images", images=src)
 
 
@@ -179,9 +181,10 @@ def check_counts(resolved: list[Resolved], num: int | None = None, k: int | None
 def make_extractor(mode: str = "legacy-tf", weights: str | None = None, batch_size: int = 64,
                    sfid: bool = False, device: str | None = None):
     """The Inception extractor (imported lazily, so runs on cached statistics need no torch model)."""
+    from iddpm_eval import distributed as dist
     from iddpm_eval.features import FeatureExtractor
 
-    return FeatureExtractor(weights=weights, mode=mode, device=device, batch_size=batch_size, sfid=sfid,
+    return FeatureExtractor(weights=weights, mode=mode, device=dist.device(device), batch_size=batch_size, sfid=sfid,
                             progress=False)
 
 

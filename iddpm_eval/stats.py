@@ -15,6 +15,7 @@ batches (``mu``, ``sigma``, ``mu_s``, ``sigma_s``).
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import tempfile
 import zipfile
@@ -121,7 +122,12 @@ def _meta(value):
 
 def save_stats(path: str | os.PathLike, stats: FeatureStats, features: np.ndarray | None = None,
                spatial: np.ndarray | None = None) -> None:
-    """Write statistics (and optionally the pool / spatial features) to ``path`` atomically."""
+    """Write statistics (and optionally the pool / spatial features) to ``path`` atomically (under
+    torchrun, rank 0 writes; every rank holds the same statistics)."""
+    from iddpm_eval import distributed as dist
+
+    if not dist.is_main():
+        return
     arrays = dict(mu=stats.mu, sigma=stats.sigma, count=np.int64(stats.count or 0),
                   mode=np.str_(_meta(stats.mode)), weights_sha256=np.str_(_meta(stats.weights_sha256)),
                   fingerprint=np.str_(_meta(stats.fingerprint)), source=np.str_(_meta(stats.source)))
@@ -247,21 +253,37 @@ def extract(source, extractor, *, num: int | None = None, seed: int | None = Non
 
     The fingerprint is the sha256 of the image shape (H, W, C) and of all image bytes in order,
     so the same pixels give the same fingerprint whatever the file format or batch size.
+
+    Under torchrun each rank extracts its shard and the statistics, features and fingerprint are
+    those of the whole source (see :mod:`iddpm_eval.distributed`).
     """
     from tqdm.auto import tqdm
+
+    from iddpm_eval import distributed as dist
 
     idx = choose_indices(len(source), num, seed, source.name)
     total = len(source) if idx is None else len(idx)
     if total < 2:
         raise StatsError(f"{source.name}: needs at least 2 images for a covariance, has {total}")
+    mine = idx
+    if dist.active():  # this rank's shard, cut where one process's batches (and sample shards) end
+        align = math.lcm(batch_size, int(getattr(source, "shard_size", batch_size)))
+        lo, hi = dist.shard(total, align)
+        mine = (np.arange(total) if idx is None else idx)[lo:hi]
     pool_rs, spatial_rs = RunningStats(), None
-    kept_pool, kept_spatial = [], []
-    digest = hashlib.sha256()
-    bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False)
-    for images, _ in source.iter_batches(batch_size, indices=idx):
+    kept_pool, kept_spatial, kept_bytes = [], [], []
+    digest, head = hashlib.sha256(), b""
+    bar = tqdm(total=total if mine is None else len(mine), desc=desc, unit="img",
+               disable=not progress or not dist.is_main(), leave=False)
+    batches = source.iter_batches(batch_size, indices=mine) if mine is None or len(mine) else iter(())
+    for images, _ in batches:
         if pool_rs.n == 0:
-            digest.update(str(tuple(images.shape[1:])).encode())
-        digest.update(np.ascontiguousarray(images).tobytes())
+            head = str(tuple(images.shape[1:])).encode()
+            digest.update(head)
+        if dist.active():
+            kept_bytes.append(np.ascontiguousarray(images).tobytes())
+        else:
+            digest.update(np.ascontiguousarray(images).tobytes())
         out = extractor(images)
         pool_rs.update(out["pool"])
         if keep_features:
@@ -273,14 +295,32 @@ def extract(source, extractor, *, num: int | None = None, seed: int | None = Non
                 kept_spatial.append(np.asarray(out["spatial"], np.float32))
         bar.update(len(images))
     bar.close()
-    fp = digest.hexdigest()
+    pool = np.concatenate(kept_pool) if kept_pool else None
+    spatial = np.concatenate(kept_spatial) if kept_spatial else None
+    if dist.active():
+        fp = dist.ordered_digest(head, b"".join(kept_bytes))
+        pool_rs = _reduced(pool_rs)
+        has_spatial = any(dist.D.all_gather_object(spatial_rs is not None))
+        spatial_rs = _reduced(spatial_rs or RunningStats()) if has_spatial else None
+        if keep_features:
+            pool, spatial = dist.gather_rows(pool), dist.gather_rows(spatial)
+    else:
+        fp = digest.hexdigest()
     stats = FeatureStats(mu=pool_rs.mean, sigma=pool_rs.cov, count=pool_rs.n,
                          mode=getattr(extractor, "mode", None),
                          weights_sha256=getattr(extractor, "weights_sha256", None),
                          fingerprint=fp, source=source.name,
                          mu_s=spatial_rs.mean if spatial_rs else None,
                          sigma_s=spatial_rs.cov if spatial_rs else None)
-    return Extraction(stats=stats,
-                      pool=np.concatenate(kept_pool) if keep_features else None,
-                      spatial=np.concatenate(kept_spatial) if keep_features and kept_spatial else None,
-                      count=pool_rs.n, fingerprint=fp, indices=idx)
+    return Extraction(stats=stats, pool=pool if keep_features else None,
+                      spatial=spatial if keep_features else None, count=pool_rs.n, fingerprint=fp, indices=idx)
+
+
+def _reduced(rs: RunningStats) -> RunningStats:
+    """The statistics of every rank's rows together (float64 sums; see iddpm_eval.distributed)."""
+    from iddpm_eval import distributed as dist
+
+    out = RunningStats()
+    out.n, out.mean, out.m2 = dist.reduce_stats(rs.n, rs.mean, rs.m2)
+    out.dim = None if out.mean is None else out.mean.shape[0]
+    return out

@@ -44,6 +44,30 @@ DEFAULTS = {
 _EXTRACTORS: dict = {}
 
 
+# Types a spec's [eval] values must have (None = use the default / the training data).
+_STR_KEYS = ("fid_sampler", "fid_ref", "fid_mode", "fid_weights", "nll_data", "device")
+
+
+def check_settings(given: dict) -> None:
+    """Refuse unknown keys and values of the wrong type (called by ``iddpm-train sweep`` before it
+    submits anything); the error names the key."""
+    unknown = sorted(set(given) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown}; known: {sorted(DEFAULTS)}")
+    for k, v in given.items():
+        if v is None:
+            continue
+        if k in _STR_KEYS:
+            ok, want = isinstance(v, str), "a string"
+        elif k == "fid_eta":
+            ok, want = isinstance(v, (int, float)) and not isinstance(v, bool), "a number"
+        else:
+            ok, want = isinstance(v, int) and not isinstance(v, bool), "an integer"
+        if not ok:
+            raise ValueError(f"{k}: expected {want}, got {type(v).__name__} {v!r}")
+    settings({"eval": given})
+
+
 def settings(run_info: dict) -> dict:
     """The evaluation settings of ``run_info["eval"]`` with defaults filled in; unknown keys refused."""
     given = dict(run_info.get("eval") or {})

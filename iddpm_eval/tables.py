@@ -311,10 +311,13 @@ def append_results(path: str | os.PathLike, rows: list[dict], *, replace: bool =
     before the lock; under the lock the existing table is read and checked, the whole table
     written to a temporary file and renamed over the old one, then the Parquet copy derived.
     Other processes appending to tables in the same folder wait for the lock, so no row is lost.
+    Under torchrun only rank 0 appends (every rank holds the same numbers).
     """
+    from iddpm_eval import distributed as dist
+
     path = _check_path(path)
     rows = list(rows)
-    if not rows:
+    if not rows or not dist.is_main():
         return 0
     need_prov = any(any(_is_missing(r.get(c)) for c in PROVENANCE_COLUMNS) for r in rows if isinstance(r, dict))
     prov = provenance() if need_prov else None

@@ -1,13 +1,12 @@
-"""Scaling sweeps: grid, rerun/interruption behaviour, worker split, locks, table columns, the
-evaluation hook against the standalone FID and bits/dim commands, and the CLI."""
+"""Sweeps in one process: grid, rerun/interruption behaviour, table columns, the evaluation hook
+against the standalone FID and bits/dim commands, and the CLI (``--launcher inline``). Jobs, specs
+and launchers: tests/test_sweep_jobs.py."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +76,7 @@ def weight_checksum(checkpoint: str, info: dict) -> dict:
 
 # ----------------------------------------------------------------------------- grid and split
 
-def test_grid_names_configs_and_worker_split():
+def test_grid_names_configs_and_axes():
     base = tiny_base()
     runs = sw.make_grid(base, [8, 16, 24], [1, 2], [4, 2])
     assert [r.name for r in runs] == ["w8_d1", "w8_d2", "w16_d1", "w16_d2", "w24_d1", "w24_d2"]
@@ -90,14 +89,26 @@ def test_grid_names_configs_and_worker_split():
     assert again.config_hash == runs[0].config_hash
     assert sw.make_grid(tiny_base(lr=3e-4), [8], [1], [2])[0].config_hash != runs[0].config_hash
     assert len({r.config_hash for r in runs}) == len(runs)
-    shares = [sw.worker_share(runs, w, 4) for w in range(4)]
-    assert sorted(r.index for s in shares for r in s) == list(range(6))
-    assert [r.index for r in shares[1]] == [1, 5]
     for bad in ([0], [8, 8], []):
         with pytest.raises(sw.SweepError, match="widths"):
             sw.make_grid(base, bad, [1], [2])
-    with pytest.raises(sw.SweepError, match="worker"):
-        sw.worker_share(runs, 2, 2)
+    # the other axes: objectives set loss, variance and the network's sigma output; names carry them
+    longer = RunConfig.from_dict({**base.to_dict(), "diffusion": {**base.diffusion.to_dict(), "steps": 40}})
+    grid = sw.make_grid(longer, [8], [1], [2], objectives=["hybrid", "simple"], schedules=["linear"], seeds=[0, 3])
+    assert [r.name for r in grid] == ["w8_d1_hybrid_linear_s0", "w8_d1_hybrid_linear_s3",
+                                      "w8_d1_simple_linear_s0", "w8_d1_simple_linear_s3"]
+    simple = grid[2].config
+    assert (simple.diffusion.loss, simple.diffusion.var_type, simple.model.learn_sigma) == ("simple", "fixed_large",
+                                                                                              False)
+    assert grid[0].config.model.learn_sigma and grid[1].config.train.seed == 3
+    assert all(r.config.diffusion.schedule == "linear" for r in grid)
+    assert len({r.config_hash for r in grid}) == 4
+    with pytest.raises(sw.SweepError, match="objectives.*'l2'"):
+        sw.make_grid(base, [8], [1], [2], objectives=["l2"])
+    with pytest.raises(sw.SweepError, match="seeds"):
+        sw.make_grid(base, [8], [1], [2], seeds=[])
+    with pytest.raises(sw.SweepError, match="w8_d1_linear: linear schedule needs T > 20"):  # T = 20 here
+        sw.make_grid(base, [8], [1], [2], schedules=["linear"])
     heads5 = tiny_base()
     heads5.model.num_heads = 5
     with pytest.raises(sw.SweepError, match="w6_d1"):  # 12 channels at the attention level, 5 heads
@@ -147,39 +158,17 @@ def test_rerun_skips_finished_fills_missing_evaluations_and_extends(tmp_path):
         sw.run_sweep(tmp_path, runs, weight_checksum, eval_settings={"fid_num": 9}, train_fn=fake, progress=False)
 
 
-def test_locks_split_and_only(tmp_path, monkeypatch):
+def test_only_and_torchrun_refusal(tmp_path, monkeypatch):
     fake = FakeTrainer()
-    runs = sw.make_grid(tiny_base(), [8, 16, 24], [1], [2])
-    # a live holder on this host (our parent process) keeps its run; a dead one's lock is taken over
-    (tmp_path / "runs" / "w8_d1").mkdir(parents=True)
-    (tmp_path / "runs" / "w8_d1" / ".lock").write_text(json.dumps({"host": os.uname().nodename, "pid": os.getppid()}))
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    (tmp_path / "runs" / "w16_d1").mkdir(parents=True)
-    (tmp_path / "runs" / "w16_d1" / ".lock").write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid}))
-    r = sw.run_sweep(tmp_path, runs, weight_checksum, worker=0, num_workers=1, train_fn=fake, progress=False)
-    assert r.busy == ["w8_d1"] and r.trained == ["w16_d1@2", "w24_d1@2"]
-    assert not (tmp_path / "runs" / "w16_d1" / ".lock").exists()  # released after the run
-    other = {"host": "some-other-host", "pid": 1}
-    (tmp_path / "runs" / "w8_d1" / ".lock").write_text(json.dumps(other))
-    assert sw.run_sweep(tmp_path, runs, weight_checksum, train_fn=fake, progress=False).busy == ["w8_d1"]
-    r = sw.run_sweep(tmp_path, runs, weight_checksum, train_fn=fake, progress=False, break_locks=True)
-    assert r.trained == ["w8_d1@2"] and r.rows == 3
-
-    # static split: worker 1 of 2 takes grid index 1 only; --only narrows further
-    fake2 = FakeTrainer()
     grid = sw.make_grid(tiny_base(), [8, 16, 24, 32], [1], [2])
-    r = sw.run_sweep(tmp_path / "b", grid, None, worker=1, num_workers=2, train_fn=fake2, progress=False)
-    assert r.trained == ["w16_d1@2", "w32_d1@2"]
-    r = sw.run_sweep(tmp_path / "b", grid, None, worker=0, num_workers=2, only=["w24_d1"], train_fn=fake2,
-                     progress=False)
-    assert r.trained == ["w24_d1@2"] and r.rows == 3
+    r = sw.run_sweep(tmp_path, grid, None, only=["w24_d1"], train_fn=fake, progress=False)
+    assert r.trained == ["w24_d1@2"] and r.rows == 1
     with pytest.raises(sw.SweepError, match="w99_d1"):
-        sw.run_sweep(tmp_path / "b", grid, None, only=["w99_d1"], train_fn=fake2, progress=False)
+        sw.run_sweep(tmp_path, grid, None, only=["w99_d1"], train_fn=fake, progress=False)
     with monkeypatch.context() as m:
         m.setenv("WORLD_SIZE", "2")
         with pytest.raises(sw.SweepError, match="torchrun"):
-            sw.run_sweep(tmp_path / "b", grid, None, train_fn=fake2, progress=False)
+            sw.run_sweep(tmp_path, grid, None, train_fn=fake, progress=False)
 
 
 def test_table_columns_feed_scaling_fit(tmp_path):
@@ -224,7 +213,6 @@ def test_interrupted_sweep_rerun_with_real_trainer(tmp_path):
         sw.run_sweep(tmp_path, runs, weight_checksum, train_fn=stopping_train, progress=False)
     done = pd.read_csv(tmp_path / sw.TABLE)
     assert list(zip(done["run"], done["step"])) == [("w8_d1", 1), ("w8_d1", 3), ("w16_d1", 1)]
-    assert not (tmp_path / "runs" / "w16_d1" / ".lock").exists()
     ck8 = tmp_path / "runs" / "w8_d1" / "checkpoints" / "ckpt_000003.pt"
     stamp, rows8 = ck8.stat().st_mtime_ns, (tmp_path / "runs" / "w8_d1" / "rows.csv").read_bytes()
 
@@ -243,32 +231,6 @@ def test_interrupted_sweep_rerun_with_real_trainer(tmp_path):
     got = table[(table["run"] == "w16_d1") & (table["step"] == 3)].iloc[0]
     assert got["weights_l1"] == pytest.approx(straight["weights_l1"][0], rel=1e-6)
     assert got["train_flops"] == straight["train_flops"][0] and got["images_seen"] == 24
-
-
-@pytest.mark.slow
-def test_two_worker_processes_share_a_folder(tmp_path):
-    hook = tmp_path / "hooks" / "sweep_test_hook.py"
-    hook.parent.mkdir()
-    hook.write_text(textwrap.dedent("""
-        def evaluate(checkpoint, info):
-            return {"fid": 100.0 / info["step"], "nll": 2.0, "evaluated_by": info["worker"]}
-    """))
-    out = tmp_path / "sweep"
-    env = {**os.environ, "PYTHONPATH": f"{hook.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    code = "import sys; from iddpm_core.cli_sweep import sweep; sweep(sys.argv[1:])"
-    args = ["--widths", "8,16", "--steps", "1", "--out", str(out), "--eval-hook", "sweep_test_hook:evaluate",
-            "--workers", "2", *TINY_FLAGS]
-    procs = [subprocess.Popen([sys.executable, "-c", code, *args, "--worker", str(w)], env=env, cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for w in (0, 1)]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
-    table = pd.read_csv(out / sw.TABLE)
-    assert list(table["run"]) == ["w8_d1", "w16_d1"] and list(table["fid"]) == [100.0, 100.0]
-    by = {r: sw.read_log(out / "runs" / r) for r in ("w8_d1", "w16_d1")}
-    assert by["w8_d1"][0]["worker"].endswith(f":{procs[0].pid}")
-    assert by["w16_d1"][0]["worker"].endswith(f":{procs[1].pid}")
-    assert all([e["event"] for e in log] == ["trained", "evaluated"] for log in by.values())
-    assert (table["command"].str.contains("--workers 2")).all()
 
 
 # ----------------------------------------------------------------------------- evaluation hook
@@ -322,6 +284,7 @@ def test_cli_sweep_records_command_and_refuses_bad_flags(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["iddpm-train", "sweep", "--widths", "8,16", "--steps", "2"])
     out = tmp_path / "s"
     args = ["--widths", "8,16", "--depths", "1", "--steps", "2", "--out", str(out), "--eval-hook", "none",
+            "--launcher", "inline",
             "--table", str(tmp_path / "copy.csv"), *TINY_FLAGS]
     r = CliRunner().invoke(cli_sweep.sweep, args)
     assert r.exit_code == 0, r.output
@@ -337,7 +300,8 @@ def test_cli_sweep_records_command_and_refuses_bad_flags(tmp_path, monkeypatch):
     for bad, msg in ((["--eval-hook", "nomodule_xyz_123:f"], "cannot import"),
                      (["--eval-hook", "iddpm_core.sweep:nothing_here"], "no callable"),
                      (["--eval-hook", "justamodule"], "MODULE:FUNC"),
-                     (["--worker", "2", "--workers", "2"], "--worker 2"),
+                     (["--launcher", "slurm", "--sbatch", "qos=high"], "--qos=high"),
+                     (["--spec", "x.toml"], "--widths/--depths/--steps"),
                      (["--widths", "8,x"], "integers")):
         r = CliRunner().invoke(cli_sweep.sweep, args + bad)
         assert r.exit_code == 2 and msg in r.output, (bad, r.output)
