@@ -154,14 +154,17 @@ def compare(a: str, b: str, *, mode: str = "legacy-tf", weights: str | None = No
             pr: bool = False, k: int = 3, kid_subsets: int = 100, kid_subset_size: int = 1000,
             save_features: str | None = None, extractor=None, device: str | None = None,
             progress: bool = True, sample_steps: int | None = None, sampler: str = "ddpm",
-            method: str = "sqrtm") -> dict:
+            method: str = "sqrtm", fd_inf: bool = False, fd_inf_points: int = 15, fd_inf_min_fraction: float = 0.2,
+            fd_inf_bootstrap: int = 0) -> dict:
     """FID between sources ``a`` and ``b`` (specs, see :mod:`iddpm_eval.sources`), with one feature
     pass per source feeding every requested metric: KID (``kid``), sFID (``sfid``), precision/recall/
     density/coverage with ``a`` as the reference set (``pr``), a bootstrap interval (``bootstrap``
     rounds). ``method``: "sqrtm" (the convention) or "eig" (the eigenvalue form: the same value to
     about 1e-7, faster; recorded as ``fid_method``). A checkpoint source draws ``num`` images with
     ``sample_steps`` and ``sampler``. ``save_features``: a folder that receives ``a.npz``/``b.npz``
-    (statistics + features) for sources that were images. Returns a JSON-ready dict with provenance."""
+    (statistics + features) for sources that were images. ``fd_inf``: also FD-infinity
+    (:mod:`iddpm_eval.fd_inf`) from ``fd_inf_points`` subset sizes, with a regression interval, or a
+    bootstrap one with ``fd_inf_bootstrap`` rounds. Returns a JSON-ready dict with provenance."""
     from iddpm_core import __version__
     from iddpm_eval import sources
     from iddpm_eval.stats import save_stats
@@ -171,7 +174,7 @@ def compare(a: str, b: str, *, mode: str = "legacy-tf", weights: str | None = No
     distance = frechet_distance if method == "sqrtm" else frechet_distance_eig
     if bootstrap and bootstrap < 2:
         raise ValueError(f"--bootstrap needs at least 2 rounds, got {bootstrap}")
-    need_features = bool(kid or pr or bootstrap or save_features)
+    need_features = bool(kid or pr or bootstrap or save_features or fd_inf)
     cache = {}
 
     def get_extractor():
@@ -212,6 +215,18 @@ def compare(a: str, b: str, *, mode: str = "legacy-tf", weights: str | None = No
                    bootstrap_method=bs["method"], bootstrap_bias=bs["bias"], bootstrap_pct_low=bs["pct_low"],
                    bootstrap_pct_high=bs["pct_high"], fid_ci_method="bootstrap percentile, bias-shifted",
                    bootstrap_confidence=bs["confidence"], bootstrap_resampled=bs["resampled"])
+    if fd_inf:
+        from iddpm_eval.fd_inf import fd_infinity
+
+        r = fd_infinity(ma.pool, mb.pool, stats1=(sa.mu, sa.sigma), stats2=(sb.mu, sb.sigma), points=fd_inf_points,
+                        min_fraction=fd_inf_min_fraction, seed=seed, method="eig" if method == "eig" else "auto",
+                        bootstrap=fd_inf_bootstrap, progress=progress)
+        out.update(fd_inf=r["fd_inf"], fd_inf_ci_low=r["low"], fd_inf_ci_high=r["high"],
+                   fd_inf_ci_method=r["ci_method"], fd_inf_se=r["se"], fd_inf_slope=r["slope"],
+                   fd_inf_sizes=r["sizes"], fd_inf_fids=r["fids"], fd_inf_line_at_largest=r["line_at_largest"],
+                   fd_inf_resid_std=r["resid_std"], fd_inf_fixed_sides=r["fixed_sides"], fd_inf_method=r["method"])
+        if r["note"]:
+            out["fd_inf_note"] = r["note"]
     if sfid:
         out["sfid"] = distance(sa.mu_s, sa.sigma_s, sb.mu_s, sb.sigma_s)
     if kid:

@@ -79,8 +79,18 @@ def run_compare(a, b, *, as_json, results, experiment, no_progress, **kw) -> dic
 @click.option("--sfid", is_flag=True, help="Also sFID (mixed_6/conv features, 2023 dims).")
 @click.option("--pr", is_flag=True, help="Also precision/recall/density/coverage, A as the reference (real) set.")
 @click.option("--k", type=click.IntRange(min=1), default=3, show_default=True, help="Neighbours for --pr.")
+@click.option("--fd-inf", is_flag=True,
+              help="Also FD-infinity (Chong & Forsyth 2020): FID on subsets of growing size, extrapolated to 1/N = 0.")
+@click.option("--fd-inf-points", type=click.IntRange(min=3), default=15, show_default=True,
+              help="Subset sizes for --fd-inf, evenly spaced from --fd-inf-min-fraction x N to N.")
+@click.option("--fd-inf-min-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+              show_default=True, help="Smallest subset for --fd-inf, as a fraction of each set.")
+@click.option("--fd-inf-bootstrap", type=click.IntRange(min=0), default=50, show_default=True,
+              help="Bootstrap rounds for the FD-infinity interval (each reruns every subset size); 0: the "
+                   "regression standard error's interval, cheaper but too narrow (subset noise only).")
 def fid(a, b, mode, num, batch_size, seed, weights, device, as_json, results, experiment, save_features,
-        no_progress, sample_steps, sampler, bootstrap, kid, kid_subsets, kid_subset_size, sfid, pr, k):
+        no_progress, sample_steps, sampler, bootstrap, kid, kid_subsets, kid_subset_size, sfid, pr, k,
+        fd_inf, fd_inf_points, fd_inf_min_fraction, fd_inf_bootstrap):
     """FID between A and B: each a folder of images, an .npz batch, a statistics or features .npz,
     a dataset (fashion-mnist:train, fashion-mnist:test, digits, cifar10:SPLIT:FOLDER) or a trainer
     checkpoint (.pt; --num images sampled on the fly with --sample-steps, --sampler, --seed)."""
@@ -88,9 +98,12 @@ def fid(a, b, mode, num, batch_size, seed, weights, device, as_json, results, ex
                       mode=mode, num=num, batch_size=batch_size, seed=seed, weights=weights, device=device,
                       save_features=save_features, sample_steps=sample_steps, sampler=sampler,
                       bootstrap=bootstrap, kid=kid, kid_subsets=kid_subsets,
-                      kid_subset_size=kid_subset_size, sfid=sfid, pr=pr, k=k)
+                      kid_subset_size=kid_subset_size, sfid=sfid, pr=pr, k=k, fd_inf=fd_inf,
+                      fd_inf_points=fd_inf_points, fd_inf_min_fraction=fd_inf_min_fraction,
+                      fd_inf_bootstrap=fd_inf_bootstrap)
     if results:
-        append_rows(results, out, [("fid", "fid", "fid_ci_low", "fid_ci_high"), ("kid", "kid_mean", None, None),
+        append_rows(results, out, [("fid", "fid", "fid_ci_low", "fid_ci_high"),
+                                   ("fd_inf", "fd_inf", "fd_inf_ci_low", "fd_inf_ci_high"), ("kid", "kid_mean", None, None),
                                    ("sfid", "sfid", None, None), ("precision", "precision", None, None),
                                    ("recall", "recall", None, None), ("density", "density", None, None),
                                    ("coverage", "coverage", None, None)], experiment)
@@ -101,6 +114,11 @@ def fid(a, b, mode, num, batch_size, seed, weights, device, as_json, results, ex
     if "fid_ci_low" in out:
         line += f" (95% CI {out['fid_ci_low']:.4f} .. {out['fid_ci_high']:.4f}, {bootstrap} bootstrap rounds)"
     click.echo(f"{line}   [{out['mode']}, n_a={out['n_a']}, n_b={out['n_b']}]")
+    if "fd_inf" in out:
+        click.echo(f"FD-infinity {out['fd_inf']:.4f} (95% CI {out['fd_inf_ci_low']:.4f} .. {out['fd_inf_ci_high']:.4f}, "
+                   f"{out['fd_inf_ci_method']}; subsets {out['fd_inf_sizes'][0]} .. {out['fd_inf_sizes'][-1]})")
+        if out.get("fd_inf_note"):
+            click.echo(f"note: {out['fd_inf_note']}")
     if "sfid" in out:
         click.echo(f"sFID {out['sfid']:.4f}")
     if "kid_mean" in out:
