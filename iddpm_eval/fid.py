@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 from scipy import linalg
 
-from iddpm_eval.stats import check_stats, stats_from_features
+from iddpm_eval.stats import bootstrap_draws, check_stats, stats_from_features
 
 
 class FIDError(ValueError):
@@ -100,7 +100,7 @@ def fid_from_features(feats1: np.ndarray, feats2: np.ndarray) -> float:
 
 def bootstrap_fid(feats1: np.ndarray | None, feats2: np.ndarray | None, rounds: int, *, stats1=None, stats2=None,
                   seed: int | None = 0, confidence: float = 0.95, progress: bool = False,
-                  method: str = "auto", estimate: float | None = None) -> dict:
+                  method: str = "auto", estimate: float | None = None, draws: list | None = None) -> dict:
     """Percentile bootstrap interval of FID: each round draws N images with replacement from
     every side that has features (a side given only as ``stats`` = (mu, sigma) stays fixed) and
     recomputes its statistics and the distance. Returns low, high, the rounds' values, which
@@ -113,7 +113,10 @@ def bootstrap_fid(feats1: np.ndarray | None, feats2: np.ndarray | None, rounds: 
     distribution can lie above the estimate, so the plain percentile interval (``pct_low``,
     ``pct_high``) can miss it. With ``estimate`` (the FID of the full sets), ``low``/``high`` are
     that interval shifted by the bootstrap's bias (mean of the rounds minus the estimate): the
-    bootstrap's spread placed around the estimate. Without it they are the plain percentiles."""
+    bootstrap's spread placed around the estimate. Without it they are the plain percentiles.
+
+    ``draws``: the resamples (:func:`iddpm_eval.stats.bootstrap_draws`, shared with other metrics
+    of the same pass); default drawn from ``seed``."""
     from tqdm.auto import tqdm
 
     if rounds < 2:
@@ -125,20 +128,23 @@ def bootstrap_fid(feats1: np.ndarray | None, feats2: np.ndarray | None, rounds: 
         method = "lowrank" if both and max(len(feats1), len(feats2)) < feats1.shape[1] else "sqrtm"
     if method == "lowrank" and (feats1 is None or feats2 is None):
         raise ValueError("the lowrank bootstrap needs the features of both sides")
-    rng = np.random.default_rng(seed)
+    if draws is None:
+        draws = bootstrap_draws(None if feats1 is None else len(feats1), None if feats2 is None else len(feats2),
+                                rounds, seed)
+    if len(draws) != rounds:
+        raise ValueError(f"got {len(draws)} resamples for {rounds} bootstrap rounds")
     values = np.empty(rounds)
     for r in tqdm(range(rounds), desc="bootstrap", disable=not progress, leave=False):
+        i1, i2 = draws[r]
         if method == "lowrank":
-            values[r] = fid_lowrank(feats1[rng.integers(0, len(feats1), len(feats1))],
-                                    feats2[rng.integers(0, len(feats2), len(feats2))])
+            values[r] = fid_lowrank(feats1[i1], feats2[i2])
             continue
         sides = []
-        for feats, stats in ((feats1, stats1), (feats2, stats2)):
+        for feats, stats, idx in ((feats1, stats1, i1), (feats2, stats2, i2)):
             if feats is None:
                 sides.append(stats)
             else:
-                sample = feats[rng.integers(0, len(feats), len(feats))]
-                sides.append(stats_from_features(sample))
+                sides.append(stats_from_features(feats[idx]))
         distance = frechet_distance if method == "sqrtm" else frechet_distance_eig
         values[r] = distance(sides[0][0], sides[0][1], sides[1][0], sides[1][1])
     alpha = (1 - confidence) / 2
@@ -207,10 +213,13 @@ def compare(a: str, b: str, *, mode: str = "legacy-tf", weights: str | None = No
     out = dict(fid=distance(sa.mu, sa.sigma, sb.mu, sb.sigma), fid_method=method, n_a=ma.n, n_b=mb.n,
                mode=mode, weights_sha256=sha, seed=seed, num=num, iddpm_version=__version__,
                a=a, b=b, a_kind=ma.kind, b_kind=mb.kind, a_fingerprint=ma.fingerprint, b_fingerprint=mb.fingerprint)
+    draws = None
     if bootstrap:
+        draws = bootstrap_draws(None if ma.pool is None else len(ma.pool), None if mb.pool is None else len(mb.pool),
+                                bootstrap, seed)
         bs = bootstrap_fid(ma.pool, mb.pool, bootstrap, stats1=(sa.mu, sa.sigma), stats2=(sb.mu, sb.sigma),
                            seed=seed, progress=progress, method="eig" if method == "eig" else "auto",
-                           estimate=out["fid"])
+                           estimate=out["fid"], draws=draws)
         out.update(fid_ci_low=bs["low"], fid_ci_high=bs["high"], bootstrap_rounds=bootstrap,
                    bootstrap_method=bs["method"], bootstrap_bias=bs["bias"], bootstrap_pct_low=bs["pct_low"],
                    bootstrap_pct_high=bs["pct_high"], fid_ci_method="bootstrap percentile, bias-shifted",
@@ -241,6 +250,13 @@ def compare(a: str, b: str, *, mode: str = "legacy-tf", weights: str | None = No
         r = compute_prdc(ma.pool, mb.pool, k=k)
         out.update({key: r[key] for key in ("precision", "recall", "density", "coverage", "k", "n_real", "n_fake")})
         out["reference"] = "a"
+        if bootstrap:  # the same resamples as FID's interval: both sets have features here
+            from iddpm_eval.prdc_boot import METRICS, bootstrap_prdc
+
+            bp = bootstrap_prdc(ma.pool, mb.pool, bootstrap, k=k, draws=draws, progress=progress)
+            for key in METRICS:
+                out.update({f"{key}_ci_low": bp[f"{key}_ci_low"], f"{key}_ci_high": bp[f"{key}_ci_high"]})
+            out["prdc_ci_method"] = bp["ci_method"]
     if save_features:
         import os
 

@@ -112,6 +112,14 @@ def stats_from_features(feats: np.ndarray, name: str = "features") -> tuple[np.n
         raise StatsError(f"{name}: {exc}") from None
 
 
+def bootstrap_draws(n1: int | None, n2: int | None, rounds: int, seed: int | None) -> list[tuple]:
+    """Bootstrap resamples shared by every metric of one feature pass: per round, indices drawn
+    with replacement from ``default_rng(seed)`` for side 1 then side 2 (None for a side without
+    features)."""
+    rng = np.random.default_rng(seed)
+    return [tuple(None if n is None else rng.integers(0, n, n) for n in (n1, n2)) for _ in range(rounds)]
+
+
 # ----------------------------------------------------------------------------- files
 
 def _meta(value):

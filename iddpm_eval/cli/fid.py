@@ -104,9 +104,10 @@ def fid(a, b, mode, num, batch_size, seed, weights, device, as_json, results, ex
     if results:
         append_rows(results, out, [("fid", "fid", "fid_ci_low", "fid_ci_high"),
                                    ("fd_inf", "fd_inf", "fd_inf_ci_low", "fd_inf_ci_high"), ("kid", "kid_mean", None, None),
-                                   ("sfid", "sfid", None, None), ("precision", "precision", None, None),
-                                   ("recall", "recall", None, None), ("density", "density", None, None),
-                                   ("coverage", "coverage", None, None)], experiment)
+                                   ("sfid", "sfid", None, None), ("precision", "precision", "precision_ci_low", "precision_ci_high"),
+                                   ("recall", "recall", "recall_ci_low", "recall_ci_high"),
+                                   ("density", "density", "density_ci_low", "density_ci_high"),
+                                   ("coverage", "coverage", "coverage_ci_low", "coverage_ci_high")], experiment)
     if as_json:
         click.echo(json.dumps(out, sort_keys=True))
         return
@@ -125,6 +126,11 @@ def fid(a, b, mode, num, batch_size, seed, weights, device, as_json, results, ex
         click.echo(f"KID {out['kid_mean']:.6f} +- {out['kid_std']:.6f} (subsets of {out['kid_subset_size']})")
     if "precision" in out:
         click.echo(f"reference (real) set: A = {a}")
-        click.echo("precision {precision:.4f}  recall {recall:.4f}  density {density:.4f}  coverage {coverage:.4f}"
-                   "  (k={k})".format(**out))
+        if "precision_ci_low" in out:
+            for key in ("precision", "recall", "density", "coverage"):
+                click.echo(f"{key} {out[key]:.4f} (95% CI {out[key + '_ci_low']:.4f} .. {out[key + '_ci_high']:.4f})")
+            click.echo(f"(k={out['k']}, {bootstrap} bootstrap rounds, the same resamples as FID's)")
+        else:
+            click.echo("precision {precision:.4f}  recall {recall:.4f}  density {density:.4f}  coverage {coverage:.4f}"
+                       "  (k={k}; --bootstrap N adds intervals)".format(**out))
     click.echo(f"weights sha256 {out['weights_sha256']}")
