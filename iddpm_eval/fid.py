@@ -161,7 +161,8 @@ def compare(a: str, b: str, *, mode: str = "legacy-tf", weights: str | None = No
             save_features: str | None = None, extractor=None, device: str | None = None,
             progress: bool = True, sample_steps: int | None = None, sampler: str = "ddpm",
             method: str = "sqrtm", fd_inf: bool = False, fd_inf_points: int = 15, fd_inf_min_fraction: float = 0.2,
-            fd_inf_bootstrap: int = 0) -> dict:
+            fd_inf_bootstrap: int = 0, features: str = "inception", dinov2_weights: str | None = None,
+            dinov2_sha256: str | None = None) -> dict:
     """FID between sources ``a`` and ``b`` (specs, see :mod:`iddpm_eval.sources`), with one feature
     pass per source feeding every requested metric: KID (``kid``), sFID (``sfid``), precision/recall/
     density/coverage with ``a`` as the reference set (``pr``), a bootstrap interval (``bootstrap``
@@ -170,7 +171,10 @@ def compare(a: str, b: str, *, mode: str = "legacy-tf", weights: str | None = No
     ``sample_steps`` and ``sampler``. ``save_features``: a folder that receives ``a.npz``/``b.npz``
     (statistics + features) for sources that were images. ``fd_inf``: also FD-infinity
     (:mod:`iddpm_eval.fd_inf`) from ``fd_inf_points`` subset sizes, with a regression interval, or a
-    bootstrap one with ``fd_inf_bootstrap`` rounds. Returns a JSON-ready dict with provenance."""
+    bootstrap one with ``fd_inf_bootstrap`` rounds. ``features``: "inception" (FID) or a DINOv2
+    model ("dinov2-vitl14", "dinov2-vitb14": FD_DINOv2 with EDM2's preprocessing, recorded as mode
+    "edm2"; weights ``dinov2_weights``, pinned by ``dinov2_sha256``). Returns a JSON-ready dict with
+    provenance, including the ``detector``."""
     from iddpm_core import __version__
     from iddpm_eval import sources
     from iddpm_eval.stats import save_stats
@@ -182,23 +186,39 @@ def compare(a: str, b: str, *, mode: str = "legacy-tf", weights: str | None = No
         raise ValueError(f"--bootstrap needs at least 2 rounds, got {bootstrap}")
     need_features = bool(kid or pr or bootstrap or save_features or fd_inf)
     cache = {}
+    from iddpm_eval.stats import INCEPTION
+
+    if features == "inception":
+        detector = INCEPTION
+    elif features.startswith("dinov2-"):
+        detector, mode = features, "edm2"
+        if sfid:
+            raise FIDError("sFID is defined on Inception's mixed_6/conv features; drop --sfid with DINOv2 features")
+    else:
+        raise FIDError(f"unknown features {features!r}; choose inception, dinov2-vitb14 or dinov2-vitl14")
 
     def get_extractor():
         if "fx" not in cache:
-            cache["fx"] = extractor if extractor is not None else sources.make_extractor(
-                mode, weights, batch_size, sfid, device)
+            if extractor is not None:
+                cache["fx"] = extractor
+            elif detector == INCEPTION:
+                cache["fx"] = sources.make_extractor(mode, weights, batch_size, sfid, device)
+            else:
+                cache["fx"] = sources.make_dinov2_extractor(detector, dinov2_weights, batch_size, device, dinov2_sha256)
         return cache["fx"]
 
     sides = []
     resolved = [sources.resolve(spec, num=num, seed=seed, batch_size=batch_size, sample_steps=sample_steps,
-                                sampler=sampler, device=device) for spec in (a, b)]  # checked before extracting
+                                sampler=sampler, device=device, detector=detector)
+                for spec in (a, b)]  # checked before extracting
     for res in resolved:
         # KID and precision/recall need features from both sides; a statistics file still serves
         # plain FID, the other side's bootstrap, and is not re-saved by save_features.
         need = bool(kid or pr) or (need_features and res.kind != "stats")
         sides.append(sources.measure(res, get_extractor, mode=mode, need_features=need, need_spatial=sfid,
-                                     num=num, seed=seed, batch_size=batch_size, progress=progress))
+                                     num=num, seed=seed, batch_size=batch_size, progress=progress, detector=detector))
     ma, mb = sides
+    sources.check_same_detector(ma, mb)
     sha = sources.check_same_weights(ma, mb)
     if "fx" in cache and getattr(cache["fx"], "weights_sha256", None):
         sha = sources.check_same_weights(ma, mb, sources.Measured("this run's extractor", "extractor", ma.stats,
@@ -211,7 +231,7 @@ def compare(a: str, b: str, *, mode: str = "legacy-tf", weights: str | None = No
         raise FIDError(f"{a} has {sa.mu.shape[0]}-dimensional statistics "
                        f"but {b} has {sb.mu.shape[0]}-dimensional statistics")
     out = dict(fid=distance(sa.mu, sa.sigma, sb.mu, sb.sigma), fid_method=method, n_a=ma.n, n_b=mb.n,
-               mode=mode, weights_sha256=sha, seed=seed, num=num, iddpm_version=__version__,
+               mode=mode, detector=detector, weights_sha256=sha, seed=seed, num=num, iddpm_version=__version__,
                a=a, b=b, a_kind=ma.kind, b_kind=mb.kind, a_fingerprint=ma.fingerprint, b_fingerprint=mb.fingerprint)
     draws = None
     if bootstrap:
@@ -264,5 +284,6 @@ def compare(a: str, b: str, *, mode: str = "legacy-tf", weights: str | None = No
             if m.kind == "images" and m.pool is not None:
                 st = m.stats
                 st.mode, st.weights_sha256, st.fingerprint, st.source = m.mode, m.weights_sha256, m.fingerprint, m.spec
+                st.detector = m.detector
                 save_stats(os.path.join(save_features, f"{name}.npz"), st, features=m.pool, spatial=m.spatial)
     return out

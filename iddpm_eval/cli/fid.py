@@ -7,13 +7,25 @@ import json
 import click
 
 MODES = ("legacy-tf", "clean")  # iddpm_eval.preprocess.MODES, without importing torch for --help
+FEATURES = ("inception", "dinov2-vitb14", "dinov2-vitl14")  # extractors (iddpm_eval.dinov2.ARCHS)
+METRIC_NAMES = {"inception": "fid", "dinov2-vitb14": "fd_dinov2", "dinov2-vitl14": "fd_dinov2"}
 
 
 def source_options(f):
     """Flags shared by fid and recall."""
     opts = [
         click.option("--mode", type=click.Choice(list(MODES)), default="legacy-tf", show_default=True,
-                     help="Preprocessing: legacy-tf (TF1 bilinear, published numbers) or clean (PIL bicubic)."),
+                     help="Inception preprocessing: legacy-tf (TF1 bilinear, published numbers) or clean (PIL "
+                          "bicubic). DINOv2 features always use EDM2's (recorded as mode edm2)."),
+        click.option("--features", "--detector", "features", type=click.Choice(list(FEATURES)), default="inception",
+                     show_default=True,
+                     help="Feature extractor: inception (FID: Inception-2015-12-05 pool_3, 2048) or dinov2-vitb14 / "
+                          "dinov2-vitl14 (FD_DINOv2 as EDM2: bicubic antialiased resize to 224, ImageNet "
+                          "normalisation, class token; 768 / 1024 dims; timm architecture, official weights)."),
+        click.option("--dinov2-weights", type=click.Path(dir_okay=False), default=None,
+                     help="Official dinov2_vit*14_pretrain.pth (default $IDDPM_DINOV2_WEIGHTS, then the torch hub "
+                          "cache)."),
+        click.option("--dinov2-sha256", default=None, help="Refuse DINOv2 weights whose sha256 differs."),
         click.option("--num", type=click.IntRange(min=2), default=None,
                      help="Use N images (or cached features) per source, drawn with --seed; default all."),
         click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
@@ -44,8 +56,8 @@ def append_rows(path: str, out: dict, metrics: list[tuple[str, str, str | None, 
     from iddpm_eval.tables import append_result
 
     exp = experiment or f"{out['a']} vs {out['b']}"
-    extra = {k: out[k] for k in ("a", "b", "n_a", "n_b", "a_fingerprint", "b_fingerprint", "iddpm_version", "num")
-             if out.get(k) is not None}
+    extra = {k: out[k] for k in ("a", "b", "n_a", "n_b", "a_fingerprint", "b_fingerprint", "iddpm_version", "num",
+                                 "detector") if out.get(k) is not None}
     counts = [v for v in (out.get("n_a"), out.get("n_b")) if v is not None]
     n = min(counts) if counts else None  # the smaller set bounds the estimate; both are in extra
     for metric, key, lo, hi in metrics:
@@ -88,9 +100,9 @@ def run_compare(a, b, *, as_json, results, experiment, no_progress, **kw) -> dic
 @click.option("--fd-inf-bootstrap", type=click.IntRange(min=0), default=50, show_default=True,
               help="Bootstrap rounds for the FD-infinity interval (each reruns every subset size); 0: the "
                    "regression standard error's interval, cheaper but too narrow (subset noise only).")
-def fid(a, b, mode, num, batch_size, seed, weights, device, as_json, results, experiment, save_features,
-        no_progress, sample_steps, sampler, bootstrap, kid, kid_subsets, kid_subset_size, sfid, pr, k,
-        fd_inf, fd_inf_points, fd_inf_min_fraction, fd_inf_bootstrap):
+def fid(a, b, mode, features, dinov2_weights, dinov2_sha256, num, batch_size, seed, weights, device, as_json, results,
+        experiment, save_features, no_progress, sample_steps, sampler, bootstrap, kid, kid_subsets, kid_subset_size,
+        sfid, pr, k, fd_inf, fd_inf_points, fd_inf_min_fraction, fd_inf_bootstrap):
     """FID between A and B: each a folder of images, an .npz batch, a statistics or features .npz,
     a dataset (fashion-mnist:train, fashion-mnist:test, digits, cifar10:SPLIT:FOLDER) or a trainer
     checkpoint (.pt; --num images sampled on the fly with --sample-steps, --sampler, --seed)."""
@@ -100,10 +112,12 @@ def fid(a, b, mode, num, batch_size, seed, weights, device, as_json, results, ex
                       bootstrap=bootstrap, kid=kid, kid_subsets=kid_subsets,
                       kid_subset_size=kid_subset_size, sfid=sfid, pr=pr, k=k, fd_inf=fd_inf,
                       fd_inf_points=fd_inf_points, fd_inf_min_fraction=fd_inf_min_fraction,
-                      fd_inf_bootstrap=fd_inf_bootstrap)
+                      fd_inf_bootstrap=fd_inf_bootstrap, features=features, dinov2_weights=dinov2_weights,
+                      dinov2_sha256=dinov2_sha256)
+    fd = METRIC_NAMES[features]
     if results:
-        append_rows(results, out, [("fid", "fid", "fid_ci_low", "fid_ci_high"),
-                                   ("fd_inf", "fd_inf", "fd_inf_ci_low", "fd_inf_ci_high"), ("kid", "kid_mean", None, None),
+        append_rows(results, out, [(fd, "fid", "fid_ci_low", "fid_ci_high"),
+                                   (f"{fd}_inf", "fd_inf", "fd_inf_ci_low", "fd_inf_ci_high"), ("kid", "kid_mean", None, None),
                                    ("sfid", "sfid", None, None), ("precision", "precision", "precision_ci_low", "precision_ci_high"),
                                    ("recall", "recall", "recall_ci_low", "recall_ci_high"),
                                    ("density", "density", "density_ci_low", "density_ci_high"),
@@ -111,10 +125,10 @@ def fid(a, b, mode, num, batch_size, seed, weights, device, as_json, results, ex
     if as_json:
         click.echo(json.dumps(out, sort_keys=True))
         return
-    line = f"FID {out['fid']:.4f}"
+    line = f"{'FID' if features == 'inception' else 'FD_DINOv2'} {out['fid']:.4f}"
     if "fid_ci_low" in out:
         line += f" (95% CI {out['fid_ci_low']:.4f} .. {out['fid_ci_high']:.4f}, {bootstrap} bootstrap rounds)"
-    click.echo(f"{line}   [{out['mode']}, n_a={out['n_a']}, n_b={out['n_b']}]")
+    click.echo(f"{line}   [{out['detector']}, {out['mode']}, n_a={out['n_a']}, n_b={out['n_b']}]")
     if "fd_inf" in out:
         click.echo(f"FD-infinity {out['fd_inf']:.4f} (95% CI {out['fd_inf_ci_low']:.4f} .. {out['fd_inf_ci_high']:.4f}, "
                    f"{out['fd_inf_ci_method']}; subsets {out['fd_inf_sizes'][0]} .. {out['fd_inf_sizes'][-1]})")
