@@ -92,11 +92,24 @@ def _base_config(ctx, config_file, flags) -> dict:
     return base
 
 
+def _float_list(value, flag: str):
+    """'1e13,3e13' -> (1e13, 3e13); None stays None."""
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in str(value).split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{flag} takes comma-separated numbers, got {value!r}") from None
+
+
 @click.command("sweep")
 @click.option("--widths", required=True, callback=_int_list, help="Base channel counts, e.g. '16,32,64'.")
 @click.option("--depths", default="1", show_default=True, callback=_int_list, help="Res blocks per level, e.g. '1,2'.")
 @click.option("--steps", "ckpt_steps", required=True, callback=_int_list,
               help="Checkpoint steps evaluated along every run, e.g. '250,500,1000' (trains to the largest).")
+@click.option("--flop-budgets", default=None, callback=lambda ctx, param, v: _float_list(v, "--flop-budgets"),
+              help="Also save (and evaluate) a checkpoint where each run's training compute first reaches each "
+                   "budget, e.g. '1e13,3e13,1e14' (IsoFLOP profiles: iddpm-eval scaling --isoflop).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Sweep folder: sweep.csv, sweep.json, runs/<run>/.")
 @click.option("--table", "table_copy", type=click.Path(dir_okay=False), default=None,
@@ -130,7 +143,7 @@ def _base_config(ctx, config_file, flags) -> dict:
 @click.option("--break-locks", is_flag=True, help="Take over run locks left by other hosts (after a crash).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.pass_context
-def sweep(ctx, widths, depths, ckpt_steps, out_dir, table_copy, eval_hook, fid_num, fid_steps, fid_sampler, fid_ref,
+def sweep(ctx, widths, depths, ckpt_steps, flop_budgets, out_dir, table_copy, eval_hook, fid_num, fid_steps, fid_sampler, fid_ref,
           fid_ref_num, fid_bootstrap, fid_mode, fid_weights, nll_num, nll_estimate, nll_data, eval_seed, worker,
           workers, only, break_locks, progress, config_file, **flags):
     """Train a width x depth grid of runs to each of --steps and evaluate every checkpoint
@@ -159,6 +172,10 @@ def sweep(ctx, widths, depths, ckpt_steps, out_dir, table_copy, eval_hook, fid_n
     try:
         base = RunConfig.from_dict(_base_config(ctx, config_file, flags), where="command line")
         runs = make_grid(base, widths, depths, ckpt_steps)
+        if flop_budgets:
+            from iddpm_core.sweep import with_budget_steps
+
+            runs = with_budget_steps(runs, flop_budgets)
         res = run_sweep(out_dir, runs, evaluate, eval_settings=eval_settings,
                         eval_hook=eval_hook if evaluate is not None else None, worker=worker, num_workers=workers,
                         only=[s.strip() for s in only.split(",") if s.strip()] if only else None, command=command,
