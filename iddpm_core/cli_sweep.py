@@ -127,6 +127,7 @@ def _float_list(value, flag: str):
 @click.option("--fid-bootstrap", type=click.IntRange(min=0), default=200, show_default=True,
               help="Bootstrap rounds for the FID interval (0 = none).")
 @click.option("--fid-mode", type=click.Choice(["legacy-tf", "clean"]), default="legacy-tf", show_default=True)
+@click.option("--fid-fd-inf", is_flag=True, help="Also FD-infinity per checkpoint (FID extrapolated to 1/N = 0).")
 @click.option("--fid-weights", default=None, help="Inception weights (default: resolved as iddpm-eval fid does).")
 @click.option("--nll-num", type=click.IntRange(min=0), default=64, show_default=True,
               help="Images for bits/dim (the first N of --nll-data; 0 = no NLL).")
@@ -144,7 +145,7 @@ def _float_list(value, flag: str):
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.pass_context
 def sweep(ctx, widths, depths, ckpt_steps, flop_budgets, out_dir, table_copy, eval_hook, fid_num, fid_steps, fid_sampler, fid_ref,
-          fid_ref_num, fid_bootstrap, fid_mode, fid_weights, nll_num, nll_estimate, nll_data, eval_seed, worker,
+          fid_ref_num, fid_bootstrap, fid_mode, fid_fd_inf, fid_weights, nll_num, nll_estimate, nll_data, eval_seed, worker,
           workers, only, break_locks, progress, config_file, **flags):
     """Train a width x depth grid of runs to each of --steps and evaluate every checkpoint
     (FID with a bootstrap interval, bits/dim with its standard error) into OUT/sweep.csv: one row
@@ -166,6 +167,8 @@ def sweep(ctx, widths, depths, ckpt_steps, flop_budgets, out_dir, table_copy, ev
                      "fid_ref_num": fid_ref_num, "fid_bootstrap": fid_bootstrap, "fid_mode": fid_mode,
                      "fid_weights": fid_weights, "nll_num": nll_num, "nll_estimate": nll_estimate,
                      "nll_data": nll_data, "seed": eval_seed}
+    if fid_fd_inf:  # only when asked, so sweeps started before the setting existed keep their settings
+        eval_settings["fid_fd_inf"] = True
     if evaluate is None:
         eval_settings = {}
     command = command_line()

@@ -207,22 +207,24 @@ def _check_detector(name: str, recorded, detector) -> None:
         raise StatsError(f"{name} holds {recorded} statistics, but this run uses the {detector} detector")
 
 
+def _check_same(measured, attr: str, what: str, show=str) -> str | None:
+    """The one value of ``attr`` the measured sides share (None if none recorded); an error naming
+    every side and its value if they differ."""
+    known = {(getattr(m, attr), m.spec) for m in measured if getattr(m, attr)}
+    if len({v for v, _ in known}) > 1:
+        parts = ", ".join(f"{spec}: {show(v)}" for v, spec in sorted(known, key=lambda t: t[1]))
+        raise StatsError(f"sources were computed with different {what} ({parts})")
+    return next(iter(known))[0] if known else None
+
+
 def check_same_detector(*measured: "Measured") -> str | None:
     """The one detector the measured sides share (None if none recorded); error naming both if they differ."""
-    known = {(m.detector, m.spec) for m in measured if m.detector}
-    if len({d for d, _ in known}) > 1:
-        parts = ", ".join(f"{spec}: {d}" for d, spec in sorted(known, key=lambda t: t[1]))
-        raise StatsError(f"sources were computed with different detectors ({parts})")
-    return next(iter(known))[0] if known else None
+    return _check_same(measured, "detector", "detectors")
 
 
 def check_same_weights(*measured: "Measured") -> str | None:
     """The one weights sha256 the measured sides share (None if none recorded); error if they differ."""
-    known = {(m.weights_sha256, m.spec) for m in measured if m.weights_sha256}
-    if len({sha for sha, _ in known}) > 1:
-        parts = ", ".join(f"{spec}: {sha[:12]}..." for sha, spec in sorted(known, key=lambda t: t[1]))
-        raise StatsError(f"sources were computed with different Inception weights ({parts})")
-    return next(iter(known))[0] if known else None
+    return _check_same(measured, "weights_sha256", "weights", lambda sha: f"{sha[:12]}...")
 
 
 def measure(res: Resolved, extractor_fn: Callable[[], object], *, mode: str, need_features: bool,
