@@ -179,3 +179,25 @@ def test_scaling_cli_extrapolate_and_isoflop(tmp_path):
     assert list(prof["budget"]) == [1e18, 1e19] and (prof["N_opt_ci_low"] < prof["N_opt"]).all()
     bad = CliRunner().invoke(main, ["scaling", str(tmp_path / "iso.csv"), "--isoflop", "1e25"])
     assert bad.exit_code != 0 and "budget 1e+25" in bad.output
+
+
+def test_flop_budget_checkpoints_with_the_real_trainer(tmp_path):
+    """The helper's FLOPs per step (a model built from the run's config) against the trainer's own
+    count in the sweep table: the checkpoint saved for budget C is the first whose training compute
+    reaches C."""
+    from iddpm_core import sweep as sw
+    from iddpm_core.sweep import training_flops_per_step
+    from test_sweep import tiny_base
+
+    runs = sw.make_grid(tiny_base(), [8, 16], [1], [1])
+    per_step = {r.name: training_flops_per_step(r.config) for r in runs}
+    budget = 2.5 * per_step["w16_d1"]  # step 3 of w16; w8 costs less per step, so it takes more steps
+    runs = sw.with_budget_steps(runs, [budget])
+    sw.run_sweep(tmp_path, runs, None, progress=False)
+    table = pd.read_csv(tmp_path / sw.TABLE)
+    rows = budget_rows(table, [budget], rel_tol=1.0)
+    assert len(rows) == 2
+    for _, r in rows.iterrows():
+        assert r["train_flops"] >= budget > r["train_flops"] - per_step[r["run"]]
+        assert r["train_flops"] == r["step"] * per_step[r["run"]]
+    assert rows.set_index("run").loc["w16_d1", "step"] == 3 and rows.set_index("run").loc["w8_d1", "step"] > 3
