@@ -161,7 +161,7 @@ def compare(a: str, b: str, *, mode: str = "legacy-tf", weights: str | None = No
             save_features: str | None = None, extractor=None, device: str | None = None,
             progress: bool = True, sample_steps: int | None = None, sampler: str = "ddpm",
             method: str = "sqrtm", fd_inf: bool = False, fd_inf_points: int = 15, fd_inf_min_fraction: float = 0.2,
-            fd_inf_bootstrap: int = 0, features: str = "inception", dinov2_weights: str | None = None,
+            fd_inf_bootstrap: int | None = 0, features: str = "inception", dinov2_weights: str | None = None,
             dinov2_sha256: str | None = None) -> dict:
     """FID between sources ``a`` and ``b`` (specs, see :mod:`iddpm_eval.sources`), with one feature
     pass per source feeding every requested metric: KID (``kid``), sFID (``sfid``), precision/recall/
@@ -171,7 +171,8 @@ def compare(a: str, b: str, *, mode: str = "legacy-tf", weights: str | None = No
     ``sample_steps`` and ``sampler``. ``save_features``: a folder that receives ``a.npz``/``b.npz``
     (statistics + features) for sources that were images. ``fd_inf``: also FD-infinity
     (:mod:`iddpm_eval.fd_inf`) from ``fd_inf_points`` subset sizes, with a regression interval, or a
-    bootstrap one with ``fd_inf_bootstrap`` rounds. ``features``: "inception" (FID) or a DINOv2
+    bootstrap one with ``fd_inf_bootstrap`` rounds (None: 50 when both sides have fewer images than
+    feature dimensions, where each round is cheap, else the regression interval). ``features``: "inception" (FID) or a DINOv2
     model ("dinov2-vitl14", "dinov2-vitb14": FD_DINOv2 with EDM2's preprocessing, recorded as mode
     "edm2"; weights ``dinov2_weights``, pinned by ``dinov2_sha256``). Returns a JSON-ready dict with
     provenance, including the ``detector``."""
@@ -247,6 +248,9 @@ def compare(a: str, b: str, *, mode: str = "legacy-tf", weights: str | None = No
     if fd_inf:
         from iddpm_eval.fd_inf import fd_infinity
 
+        if fd_inf_bootstrap is None:
+            pools = [p for p in (ma.pool, mb.pool) if p is not None]
+            fd_inf_bootstrap = 50 if len(pools) == 2 and max(len(p) for p in pools) < pools[0].shape[1] else 0
         r = fd_infinity(ma.pool, mb.pool, stats1=(sa.mu, sa.sigma), stats2=(sb.mu, sb.sigma), points=fd_inf_points,
                         min_fraction=fd_inf_min_fraction, seed=seed, method="eig" if method == "eig" else "auto",
                         bootstrap=fd_inf_bootstrap, progress=progress)
@@ -258,6 +262,11 @@ def compare(a: str, b: str, *, mode: str = "legacy-tf", weights: str | None = No
             out["fd_inf_note"] = r["note"]
     if sfid:
         out["sfid"] = distance(sa.mu_s, sa.sigma_s, sb.mu_s, sb.sigma_s)
+        if bootstrap and (ma.spatial is not None or mb.spatial is not None):  # the same resamples as FID's
+            bs = bootstrap_fid(ma.spatial, mb.spatial, bootstrap, stats1=(sa.mu_s, sa.sigma_s),
+                               stats2=(sb.mu_s, sb.sigma_s), method="eig" if method == "eig" else "auto",
+                               estimate=out["sfid"], draws=draws, progress=progress)
+            out.update(sfid_ci_low=bs["low"], sfid_ci_high=bs["high"])
     if kid:
         from iddpm_eval.kid import kid as kid_fn
 

@@ -132,7 +132,7 @@ def test_cli_fd_inf(tmp_path):
     import pandas as pd
 
     rows = pd.read_csv(tmp_path / "r.csv")
-    assert "fd_inf" in set(rows["metric"])
+    assert "fid_inf" in set(rows["metric"])  # FD_DINOv2 rows: fd_dinov2_inf
     bad = CliRunner().invoke(main, ["fid", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--fd-inf",
                                     "--num", "40", "--no-progress"])
     assert bad.exit_code != 0 and "40 images" in bad.output and "Traceback" not in bad.output

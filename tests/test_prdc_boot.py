@@ -167,3 +167,28 @@ def test_cli_prints_an_interval_for_every_metric(tmp_path):
     text = CliRunner().invoke(main, args).output
     for key in METRICS:
         assert f"{key} {out[key]:.4f} (95% CI" in text
+
+
+def test_sfid_interval_on_the_shared_resamples(tmp_path, monkeypatch):
+    """sFID gets an interval from the same draws as FID's: equal to bootstrap_fid on the spatial
+    features with those draws."""
+    from iddpm_eval import sources
+    from iddpm_eval.fid import bootstrap_fid, compare
+    from test_stats_fid import FakeExtractor
+
+    def make(mode="legacy-tf", weights=None, batch_size=64, sfid=False, device=None):
+        return FakeExtractor(spatial=sfid)
+
+    monkeypatch.setattr(sources, "make_extractor", make)
+    rng = np.random.default_rng(7)
+    a = rng.integers(0, 255, (30, 8, 8, 3), dtype=np.uint8)
+    b = rng.integers(30, 255, (26, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "a.npz", a)
+    np.savez(tmp_path / "b.npz", b)
+    out = compare(str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), sfid=True, bootstrap=20, progress=False)
+    fx = FakeExtractor(spatial=True)
+    sa, sb = fx(a)["spatial"], fx(b)["spatial"]
+    ref = bootstrap_fid(sa, sb, 20, draws=bootstrap_draws(30, 26, 20, 0), estimate=out["sfid"])
+    assert out["sfid_ci_low"] == pytest.approx(ref["low"], rel=1e-9)
+    assert out["sfid_ci_high"] == pytest.approx(ref["high"], rel=1e-9)
+    assert out["sfid_ci_low"] <= out["sfid"] <= out["sfid_ci_high"]

@@ -97,9 +97,10 @@ def run_compare(a, b, *, as_json, results, experiment, no_progress, **kw) -> dic
               help="Subset sizes for --fd-inf, evenly spaced from --fd-inf-min-fraction x N to N.")
 @click.option("--fd-inf-min-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
               show_default=True, help="Smallest subset for --fd-inf, as a fraction of each set.")
-@click.option("--fd-inf-bootstrap", type=click.IntRange(min=0), default=50, show_default=True,
+@click.option("--fd-inf-bootstrap", type=click.IntRange(min=0), default=None,
               help="Bootstrap rounds for the FD-infinity interval (each reruns every subset size); 0: the "
-                   "regression standard error's interval, cheaper but too narrow (subset noise only).")
+                   "regression standard error's interval, cheaper but too narrow (subset noise only). Default: 50 "
+                   "when both sets are smaller than the feature dimension (cheap rounds), else 0.")
 def fid(a, b, mode, features, dinov2_weights, dinov2_sha256, num, batch_size, seed, weights, device, as_json, results,
         experiment, save_features, no_progress, sample_steps, sampler, bootstrap, kid, kid_subsets, kid_subset_size,
         sfid, pr, k, fd_inf, fd_inf_points, fd_inf_min_fraction, fd_inf_bootstrap):
@@ -117,11 +118,10 @@ def fid(a, b, mode, features, dinov2_weights, dinov2_sha256, num, batch_size, se
     fd = METRIC_NAMES[features]
     if results:
         append_rows(results, out, [(fd, "fid", "fid_ci_low", "fid_ci_high"),
-                                   (f"{fd}_inf", "fd_inf", "fd_inf_ci_low", "fd_inf_ci_high"), ("kid", "kid_mean", None, None),
-                                   ("sfid", "sfid", None, None), ("precision", "precision", "precision_ci_low", "precision_ci_high"),
-                                   ("recall", "recall", "recall_ci_low", "recall_ci_high"),
-                                   ("density", "density", "density_ci_low", "density_ci_high"),
-                                   ("coverage", "coverage", "coverage_ci_low", "coverage_ci_high")], experiment)
+                                   (f"{fd}_inf", "fd_inf", "fd_inf_ci_low", "fd_inf_ci_high"),
+                                   ("kid", "kid_mean", None, None), ("sfid", "sfid", "sfid_ci_low", "sfid_ci_high")]
+                    + [(m, m, f"{m}_ci_low", f"{m}_ci_high") for m in ("precision", "recall", "density", "coverage")],
+                    experiment)
     if as_json:
         click.echo(json.dumps(out, sort_keys=True))
         return
@@ -135,7 +135,8 @@ def fid(a, b, mode, features, dinov2_weights, dinov2_sha256, num, batch_size, se
         if out.get("fd_inf_note"):
             click.echo(f"note: {out['fd_inf_note']}")
     if "sfid" in out:
-        click.echo(f"sFID {out['sfid']:.4f}")
+        ci = f" (95% CI {out['sfid_ci_low']:.4f} .. {out['sfid_ci_high']:.4f})" if "sfid_ci_low" in out else ""
+        click.echo(f"sFID {out['sfid']:.4f}{ci}")
     if "kid_mean" in out:
         click.echo(f"KID {out['kid_mean']:.6f} +- {out['kid_std']:.6f} (subsets of {out['kid_subset_size']})")
     if "precision" in out:
