@@ -91,13 +91,19 @@ def load_edm2_pkl(path: str | os.PathLike, detector: str = INCEPTION) -> Feature
                         mode=EDM2_KEYS[key][1], source=str(path), origin="edm2", detector=detector)
 
 
-def save_edm2_pkl(path: str | os.PathLike, stats: FeatureStats) -> Path:
-    """Write ``stats`` as an EDM2 reference ``.pkl`` (``num_images`` and one metric entry, float64).
-    EDM2's keys carry no weights hash or mode: only its two (detector, mode) pairs can be written."""
-    key = next((k for k, (det, mode) in EDM2_KEYS.items() if det == stats.detector and mode == stats.mode), None)
+def check_edm2_writable(path, detector: str | None, mode: str | None) -> str:
+    """EDM2's key for (detector, mode), or an error naming the file: its keys carry no weights hash
+    or mode, so only its two (detector, mode) pairs can be written."""
+    key = next((k for k, (det, m) in EDM2_KEYS.items() if det == detector and m == mode), None)
     if key is None:
         raise StatsError(f"{path}: EDM2 .pkl files hold only {', '.join(f'{d} ({m})' for d, m in EDM2_KEYS.values())} "
-                         f"statistics, these are {stats.detector} ({stats.mode})")
+                         f"statistics, these are {detector} ({mode})")
+    return key
+
+
+def save_edm2_pkl(path: str | os.PathLike, stats: FeatureStats) -> Path:
+    """Write ``stats`` as an EDM2 reference ``.pkl`` (``num_images`` and one metric entry, float64)."""
+    key = check_edm2_writable(path, stats.detector, stats.mode)
     obj = {"num_images": int(stats.count or 0),
            key: {"mu": np.asarray(stats.mu, np.float64), "sigma": np.asarray(stats.sigma, np.float64)}}
     write_bytes(path, pickle.dumps(obj, protocol=4))

@@ -305,6 +305,10 @@ def source_statistics(spec: str, out: str | os.PathLike, *, mode: str = "legacy-
     pkl = str(out).endswith(".pkl")
     if pkl and (save_features or adm_batch):
         raise StatsError(f"{out}: an EDM2 .pkl holds mu/sigma only; write features or an ADM batch to an .npz")
+    if pkl:  # refused before any image goes through a network
+        from iddpm_eval.refstats import check_edm2_writable
+
+        check_edm2_writable(out, detector, mode)
     if adm_batch and (detector != INCEPTION or mode != "legacy-tf"):
         raise StatsError("ADM reference batches hold Inception legacy-tf statistics: use --mode legacy-tf, "
                          "--detector inception")

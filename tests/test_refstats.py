@@ -218,3 +218,15 @@ def test_fd_dinov2_cli_end_to_end(tmp_path):
     assert f"sha256 {fx.weights_sha256} but {'ab' * 32} was expected" in bad.output
     help_text = _run("fid", "--help").output
     assert "inception|dinov2-vitb14|dinov2-vitl14" in help_text
+    # statistics of the DINOv2 features: recorded with their detector, reused as a source
+    _run("stats", tmp_path / "a.npz", "-o", tmp_path / "a_dino.npz", "--detector", "dinov2-vitb14",
+         "--dinov2-weights", wpath, "--no-progress")
+    st = S.load_stats(tmp_path / "a_dino.npz")
+    assert (st.detector, st.mode, st.weights_sha256, st.count) == ("dinov2-vitb14", "edm2", fx.weights_sha256, 6)
+    again = json.loads(_run("fid", tmp_path / "a_dino.npz", tmp_path / "b.npz", "--features", "dinov2-vitb14",
+                            "--dinov2-weights", wpath, "--json", "--no-progress").stdout)
+    assert again["fid"] == pytest.approx(out["fid"], rel=1e-4)
+    # EDM2's .pkl has an entry for ViT-L/14 only
+    r = _run("stats", tmp_path / "a.npz", "-o", tmp_path / "a.pkl", "--detector", "dinov2-vitb14",
+             "--dinov2-weights", wpath, "--no-progress", ok=False)
+    assert "EDM2 .pkl files hold only inception-2015-12-05 (legacy-tf), dinov2-vitl14 (edm2)" in r.output
