@@ -91,19 +91,19 @@ def _curve(f1, f2, s1, s2, sizes1, sizes2, rng, method: str) -> np.ndarray:
 
 def fd_infinity(feats1: np.ndarray | None, feats2: np.ndarray | None, *, stats1=None, stats2=None,
                 points: int = 15, min_fraction: float = 0.2, seed: int | None = 0, method: str = "auto",
-                bootstrap: int = 0, confidence: float = 0.95, progress: bool = False) -> dict:
+                bootstrap: int = 0, confidence: float = 0.95, progress: bool = False,
+                names: tuple[str, str] = ("first set", "second set")) -> dict:
     """FD-infinity of two sides, each features [N, D] or (when features are None) fixed statistics
     ``stats`` = (mu, sigma). ``method``: how each subset's FID is computed ("auto": the exact
     low-rank form when both sides have features and the largest set is smaller than D, else
     "sqrtm"; or "sqrtm", "eig", "lowrank"). Returns the intercept ``fd_inf`` with ``low``/``high``
     (see the module doc for ``ci_method``), the slope, the subset sizes, the FID at each size,
-    the line's prediction and residual at the largest size."""
+    the line's prediction and residual at the largest size. ``names`` name the sides in errors."""
     if feats1 is None and feats2 is None:
         raise FDInfError("FD-infinity needs the features of at least one side, not only statistics")
     for f, s, name in ((feats1, stats1, "first"), (feats2, stats2, "second")):
         if f is None and s is None:
             raise FDInfError(f"FD-infinity: the {name} side has neither features nor statistics")
-    names = ("first set", "second set")
     sizes = [None if f is None else subset_sizes(len(f), points, min_fraction, nm)
              for f, nm in zip((feats1, feats2), names)]
     both = feats1 is not None and feats2 is not None

@@ -253,7 +253,7 @@ def compare(a: str, b: str, *, mode: str = "legacy-tf", weights: str | None = No
             fd_inf_bootstrap = 50 if len(pools) == 2 and max(len(p) for p in pools) < pools[0].shape[1] else 0
         r = fd_infinity(ma.pool, mb.pool, stats1=(sa.mu, sa.sigma), stats2=(sb.mu, sb.sigma), points=fd_inf_points,
                         min_fraction=fd_inf_min_fraction, seed=seed, method="eig" if method == "eig" else "auto",
-                        bootstrap=fd_inf_bootstrap, progress=progress)
+                        bootstrap=fd_inf_bootstrap, progress=progress, names=(a, b))
         out.update(fd_inf=r["fd_inf"], fd_inf_ci_low=r["low"], fd_inf_ci_high=r["high"],
                    fd_inf_ci_method=r["ci_method"], fd_inf_se=r["se"], fd_inf_slope=r["slope"],
                    fd_inf_sizes=r["sizes"], fd_inf_fids=r["fids"], fd_inf_line_at_largest=r["line_at_largest"],
