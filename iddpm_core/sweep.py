@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -177,7 +178,7 @@ def with_budget_steps(runs: Sequence[RunSpec], budgets: Sequence[float],
         steps = tuple(sorted(set(run.steps) | set(extra)))
         cfg = copy.deepcopy(run.config)
         cfg.train.steps = steps[-1]
-        out.append(RunSpec(run.index, run.name, run.width, run.depth, steps, cfg))
+        out.append(dataclasses.replace(run, steps=steps, config=cfg))  # other fields (axes, seed) kept
     return out
 
 
