@@ -144,6 +144,16 @@ def _print_status(out_dir: str) -> None:
                        + f"; log {r['stderr']}")
 
 
+def _float_list(value, flag: str):
+    """'1e13,3e13' -> (1e13, 3e13); None stays None."""
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in str(value).split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{flag} takes comma-separated numbers, got {value!r}") from None
+
+
 @click.command("sweep")
 @click.option("--spec", "spec_file", type=click.Path(dir_okay=False), default=None,
               help="TOML sweep spec: [grid], base [model]/[diffusion]/[train], [eval], [launcher] "
@@ -154,6 +164,9 @@ def _print_status(out_dir: str) -> None:
 @click.option("--depths", default=None, callback=_int_list, help="Res blocks per level, e.g. '1,2' (default 1).")
 @click.option("--steps", "ckpt_steps", default=None, callback=_int_list,
               help="Checkpoint steps evaluated along every run, e.g. '250,500,1000' (trains to the largest).")
+@click.option("--flop-budgets", default=None, callback=lambda ctx, param, v: _float_list(v, "--flop-budgets"),
+              help="Also save (and evaluate) a checkpoint where each run's training compute first reaches each "
+                   "budget, e.g. '1e13,3e13,1e14' (IsoFLOP profiles: iddpm-eval scaling --isoflop).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Sweep folder: sweep.csv, sweep.json, runs/<run>/, jobs/, submitit/.")
 @click.option("--table", "table_copy", type=click.Path(dir_okay=False), default=None,
@@ -171,6 +184,7 @@ def _print_status(out_dir: str) -> None:
 @click.option("--fid-bootstrap", type=click.IntRange(min=0), default=200, show_default=True,
               help="Bootstrap rounds for the FID interval (0 = none).")
 @click.option("--fid-mode", type=click.Choice(["legacy-tf", "clean"]), default="legacy-tf", show_default=True)
+@click.option("--fid-fd-inf", is_flag=True, help="Also FD-infinity per checkpoint (FID extrapolated to 1/N = 0).")
 @click.option("--fid-weights", default=None, help="Inception weights (default: resolved as iddpm-eval fid does).")
 @click.option("--nll-num", type=click.IntRange(min=0), default=64, show_default=True,
               help="Images for bits/dim (the first N of --nll-data; 0 = no NLL).")
@@ -196,8 +210,8 @@ def _print_status(out_dir: str) -> None:
 @click.option("--only", default=None, help="Comma-separated run names (e.g. 'w32_d1') to do; others are left alone.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.pass_context
-def sweep(ctx, spec_file, status_dir, widths, depths, ckpt_steps, out_dir, table_copy, eval_hook, fid_num, fid_steps,
-          fid_sampler, fid_ref, fid_ref_num, fid_bootstrap, fid_mode, fid_weights, nll_num, nll_estimate, nll_data,
+def sweep(ctx, spec_file, status_dir, widths, depths, ckpt_steps, flop_budgets, out_dir, table_copy, eval_hook, fid_num, fid_steps,
+          fid_sampler, fid_ref, fid_ref_num, fid_bootstrap, fid_mode, fid_fd_inf, fid_weights, nll_num, nll_estimate, nll_data,
           eval_seed, launcher, max_parallel, time, partition, account, cpus_per_task, gpus_per_task, sbatch, wait,
           only, progress, config_file, **flags):
     """Train a grid of runs to each checkpoint step and evaluate every checkpoint (FID with a
@@ -237,6 +251,8 @@ def sweep(ctx, spec_file, status_dir, widths, depths, ckpt_steps, out_dir, table
             runs = make_grid(base, widths, depths or (1,), ckpt_steps)
             hook_spec, hook_explicit, launch_d = eval_hook, _explicit(ctx, "eval_hook"), {}
             settings = {key: eval_flags[flag] for flag, key in EVAL_FLAGS.items()}
+        if fid_fd_inf:  # only when asked, so sweeps started before the setting existed keep their settings
+            settings["fid_fd_inf"] = True
         if _explicit(ctx, "eval_hook"):
             hook_spec, hook_explicit = eval_hook, True
         given = {"name": launcher, "max_parallel": max_parallel, "time": time, "partition": partition,
@@ -256,6 +272,10 @@ def sweep(ctx, spec_file, status_dir, widths, depths, ckpt_steps, out_dir, table
         from iddpm_core.sweep import select
 
         runs = select(runs, only_names)
+        if flop_budgets:
+            from iddpm_core.sweep import with_budget_steps
+
+            runs = with_budget_steps(runs, flop_budgets)
         if opts.name == "inline":
             from iddpm_core.sweep import load_hook
 

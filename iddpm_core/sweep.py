@@ -49,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import dataclasses
 import datetime as _dt
 import hashlib
 import itertools
@@ -192,6 +193,43 @@ def make_grid(base: RunConfig, widths: Sequence[int], depths: Sequence[int], ste
             raise SweepError(f"run {name}: {exc}") from exc
         runs.append(RunSpec(len(runs), name, w, d, steps, cfg, obj, sched, seed))
     return runs
+
+
+def steps_for_budgets(budgets: Sequence[float], flops_per_step: float, what: str = "run") -> tuple[int, ...]:
+    """The first step whose cumulative training compute reaches each FLOP budget: ceil(C / flops_per_step).
+    A budget below one step is refused (the checkpoint would not be at that budget)."""
+    if not flops_per_step > 0:
+        raise SweepError(f"{what}: training FLOPs per step must be positive, got {flops_per_step}")
+    out = []
+    for c in budgets:
+        if not float(c) > 0:
+            raise SweepError(f"FLOP budgets must be positive, got {list(budgets)}")
+        if float(c) < flops_per_step:
+            raise SweepError(f"{what}: FLOP budget {float(c):g} is below one training step ({flops_per_step:g} FLOPs)")
+        out.append(int(math.ceil(float(c) / flops_per_step - 1e-9)))
+    return tuple(out)
+
+
+def training_flops_per_step(cfg: RunConfig) -> int:
+    """Measured training FLOPs of one step of one process (forward + backward per image x batch)."""
+    from iddpm_core.models import build_model
+    from iddpm_core.models.cost import training_flops_per_image
+
+    return int(training_flops_per_image(build_model(cfg.model))) * int(cfg.train.batch_size)
+
+
+def with_budget_steps(runs: Sequence[RunSpec], budgets: Sequence[float],
+                      flops_per_step: Callable[[RunConfig], float] = training_flops_per_step) -> list[RunSpec]:
+    """The runs with a checkpoint added at each FLOP budget (IsoFLOP profiles): each run's own
+    step for each budget, from its measured FLOPs per step; training goes to the last one."""
+    out = []
+    for run in runs:
+        extra = steps_for_budgets(budgets, flops_per_step(run.config), run.name)
+        steps = tuple(sorted(set(run.steps) | set(extra)))
+        cfg = copy.deepcopy(run.config)
+        cfg.train.steps = steps[-1]
+        out.append(dataclasses.replace(run, steps=steps, config=cfg))  # other fields (axes, seed) kept
+    return out
 
 
 def load_hook(spec: str | None):

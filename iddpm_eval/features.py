@@ -69,6 +69,8 @@ class FeatureExtractor:
     64, the largest tried). ``tune_allocator``: on the CPU, call :func:`tune_cpu_allocator`.
     """
 
+    detector = "inception-2015-12-05"  # iddpm_eval.stats.INCEPTION
+
     def __init__(self, weights: str | None = None, mode: str = "legacy-tf", device: str | None = None,
                  batch_size: int = 64, sfid: bool = False, progress: bool = True, tune_allocator: bool = True):
         if mode not in MODES:

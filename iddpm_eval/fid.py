@@ -19,7 +19,7 @@ import warnings
 import numpy as np
 from scipy import linalg
 
-from iddpm_eval.stats import check_stats, stats_from_features
+from iddpm_eval.stats import bootstrap_draws, check_stats, stats_from_features
 
 
 class FIDError(ValueError):
@@ -115,7 +115,7 @@ def fid_from_features(feats1: np.ndarray, feats2: np.ndarray) -> float:
 
 def bootstrap_fid(feats1: np.ndarray | None, feats2: np.ndarray | None, rounds: int, *, stats1=None, stats2=None,
                   seed: int | None = 0, confidence: float = 0.95, progress: bool = False,
-                  method: str = "auto", estimate: float | None = None) -> dict:
+                  method: str = "auto", estimate: float | None = None, draws: list | None = None) -> dict:
     """Percentile bootstrap interval of FID: each round draws N images with replacement from
     every side that has features (a side given only as ``stats`` = (mu, sigma) stays fixed) and
     recomputes its statistics and the distance. Returns low, high, the rounds' values, which
@@ -128,7 +128,10 @@ def bootstrap_fid(feats1: np.ndarray | None, feats2: np.ndarray | None, rounds: 
     distribution can lie above the estimate, so the plain percentile interval (``pct_low``,
     ``pct_high``) can miss it. With ``estimate`` (the FID of the full sets), ``low``/``high`` are
     that interval shifted by the bootstrap's bias (mean of the rounds minus the estimate): the
-    bootstrap's spread placed around the estimate. Without it they are the plain percentiles."""
+    bootstrap's spread placed around the estimate. Without it they are the plain percentiles.
+
+    ``draws``: the resamples (:func:`iddpm_eval.stats.bootstrap_draws`, shared with other metrics
+    of the same pass); default drawn from ``seed``."""
     from tqdm.auto import tqdm
 
     if rounds < 2:
@@ -140,20 +143,23 @@ def bootstrap_fid(feats1: np.ndarray | None, feats2: np.ndarray | None, rounds: 
         method = "lowrank" if both and max(len(feats1), len(feats2)) < feats1.shape[1] else "sqrtm"
     if method == "lowrank" and (feats1 is None or feats2 is None):
         raise ValueError("the lowrank bootstrap needs the features of both sides")
-    rng = np.random.default_rng(seed)
+    if draws is None:
+        draws = bootstrap_draws(None if feats1 is None else len(feats1), None if feats2 is None else len(feats2),
+                                rounds, seed)
+    if len(draws) != rounds:
+        raise ValueError(f"got {len(draws)} resamples for {rounds} bootstrap rounds")
     values = np.empty(rounds)
     for r in tqdm(range(rounds), desc="bootstrap", disable=not progress, leave=False):
+        i1, i2 = draws[r]
         if method == "lowrank":
-            values[r] = fid_lowrank(feats1[rng.integers(0, len(feats1), len(feats1))],
-                                    feats2[rng.integers(0, len(feats2), len(feats2))])
+            values[r] = fid_lowrank(feats1[i1], feats2[i2])
             continue
         sides = []
-        for feats, stats in ((feats1, stats1), (feats2, stats2)):
+        for feats, stats, idx in ((feats1, stats1, i1), (feats2, stats2, i2)):
             if feats is None:
                 sides.append(stats)
             else:
-                sample = feats[rng.integers(0, len(feats), len(feats))]
-                sides.append(stats_from_features(sample))
+                sides.append(stats_from_features(feats[idx]))
         distance = frechet_distance if method == "sqrtm" else frechet_distance_eig
         values[r] = distance(sides[0][0], sides[0][1], sides[1][0], sides[1][1])
     alpha = (1 - confidence) / 2
@@ -169,14 +175,22 @@ def compare(a: str, b: str, *, mode: str = "legacy-tf", weights: str | None = No
             pr: bool = False, k: int = 3, kid_subsets: int = 100, kid_subset_size: int = 1000,
             save_features: str | None = None, extractor=None, device: str | None = None,
             progress: bool = True, sample_steps: int | None = None, sampler: str = "ddpm",
-            method: str = "sqrtm") -> dict:
+            method: str = "sqrtm", fd_inf: bool = False, fd_inf_points: int = 15, fd_inf_min_fraction: float = 0.2,
+            fd_inf_bootstrap: int | None = 0, features: str = "inception", dinov2_weights: str | None = None,
+            dinov2_sha256: str | None = None) -> dict:
     """FID between sources ``a`` and ``b`` (specs, see :mod:`iddpm_eval.sources`), with one feature
     pass per source feeding every requested metric: KID (``kid``), sFID (``sfid``), precision/recall/
     density/coverage with ``a`` as the reference set (``pr``), a bootstrap interval (``bootstrap``
     rounds). ``method``: "sqrtm" (the convention) or "eig" (the eigenvalue form: the same value to
     about 1e-7, faster; recorded as ``fid_method``). A checkpoint source draws ``num`` images with
     ``sample_steps`` and ``sampler``. ``save_features``: a folder that receives ``a.npz``/``b.npz``
-    (statistics + features) for sources that were images. Returns a JSON-ready dict with provenance."""
+    (statistics + features) for sources that were images. ``fd_inf``: also FD-infinity
+    (:mod:`iddpm_eval.fd_inf`) from ``fd_inf_points`` subset sizes, with a regression interval, or a
+    bootstrap one with ``fd_inf_bootstrap`` rounds (None: 50 when both sides have fewer images than
+    feature dimensions, where each round is cheap, else the regression interval). ``features``: "inception" (FID) or a DINOv2
+    model ("dinov2-vitl14", "dinov2-vitb14": FD_DINOv2 with EDM2's preprocessing, recorded as mode
+    "edm2"; weights ``dinov2_weights``, pinned by ``dinov2_sha256``). Returns a JSON-ready dict with
+    provenance, including the ``detector``."""
     from iddpm_core import __version__
     from iddpm_eval import sources
     from iddpm_eval.stats import save_stats
@@ -186,26 +200,42 @@ def compare(a: str, b: str, *, mode: str = "legacy-tf", weights: str | None = No
     distance = frechet_distance if method == "sqrtm" else frechet_distance_eig
     if bootstrap and bootstrap < 2:
         raise ValueError(f"--bootstrap needs at least 2 rounds, got {bootstrap}")
-    need_features = bool(kid or pr or bootstrap or save_features)
+    need_features = bool(kid or pr or bootstrap or save_features or fd_inf)
     cache = {}
+    from iddpm_eval.stats import INCEPTION
+
+    if features == "inception":
+        detector = INCEPTION
+    elif features.startswith("dinov2-"):
+        detector, mode = features, "edm2"
+        if sfid:
+            raise FIDError("sFID is defined on Inception's mixed_6/conv features; drop --sfid with DINOv2 features")
+    else:
+        raise FIDError(f"unknown features {features!r}; choose inception, dinov2-vitb14 or dinov2-vitl14")
 
     def get_extractor():
         if "fx" not in cache:
-            cache["fx"] = extractor if extractor is not None else sources.make_extractor(
-                mode, weights, batch_size, sfid, device)
+            if extractor is not None:
+                cache["fx"] = extractor
+            elif detector == INCEPTION:
+                cache["fx"] = sources.make_extractor(mode, weights, batch_size, sfid, device)
+            else:
+                cache["fx"] = sources.make_dinov2_extractor(detector, dinov2_weights, batch_size, device, dinov2_sha256)
         return cache["fx"]
 
     sides = []
     resolved = [sources.resolve(spec, num=num, seed=seed, batch_size=batch_size, sample_steps=sample_steps,
-                                sampler=sampler, device=device) for spec in (a, b)]  # checked before extracting
+                                sampler=sampler, device=device, detector=detector)
+                for spec in (a, b)]  # checked before extracting
     sources.check_counts(resolved, num, k if pr else None, need_features=bool(kid or pr))
     for res in resolved:
         # KID and precision/recall need features from both sides; a statistics file still serves
         # plain FID, the other side's bootstrap, and is not re-saved by save_features.
         need = bool(kid or pr) or (need_features and res.kind != "stats")
         sides.append(sources.measure(res, get_extractor, mode=mode, need_features=need, need_spatial=sfid,
-                                     num=num, seed=seed, batch_size=batch_size, progress=progress))
+                                     num=num, seed=seed, batch_size=batch_size, progress=progress, detector=detector))
     ma, mb = sides
+    sources.check_same_detector(ma, mb)
     sha = sources.check_same_weights(ma, mb)
     if "fx" in cache and getattr(cache["fx"], "weights_sha256", None):
         sha = sources.check_same_weights(ma, mb, sources.Measured("this run's extractor", "extractor", ma.stats,
@@ -218,18 +248,41 @@ def compare(a: str, b: str, *, mode: str = "legacy-tf", weights: str | None = No
         raise FIDError(f"{a} has {sa.mu.shape[0]}-dimensional statistics "
                        f"but {b} has {sb.mu.shape[0]}-dimensional statistics")
     out = dict(fid=distance(sa.mu, sa.sigma, sb.mu, sb.sigma), fid_method=method, n_a=ma.n, n_b=mb.n,
-               mode=mode, weights_sha256=sha, seed=seed, num=num, iddpm_version=__version__,
+               mode=mode, detector=detector, weights_sha256=sha, seed=seed, num=num, iddpm_version=__version__,
                a=a, b=b, a_kind=ma.kind, b_kind=mb.kind, a_fingerprint=ma.fingerprint, b_fingerprint=mb.fingerprint)
+    draws = None
     if bootstrap:
+        draws = bootstrap_draws(None if ma.pool is None else len(ma.pool), None if mb.pool is None else len(mb.pool),
+                                bootstrap, seed)
         bs = bootstrap_fid(ma.pool, mb.pool, bootstrap, stats1=(sa.mu, sa.sigma), stats2=(sb.mu, sb.sigma),
                            seed=seed, progress=progress, method="eig" if method == "eig" else "auto",
-                           estimate=out["fid"])
+                           estimate=out["fid"], draws=draws)
         out.update(fid_ci_low=bs["low"], fid_ci_high=bs["high"], bootstrap_rounds=bootstrap,
                    bootstrap_method=bs["method"], bootstrap_bias=bs["bias"], bootstrap_pct_low=bs["pct_low"],
                    bootstrap_pct_high=bs["pct_high"], fid_ci_method="bootstrap percentile, bias-shifted",
                    bootstrap_confidence=bs["confidence"], bootstrap_resampled=bs["resampled"])
+    if fd_inf:
+        from iddpm_eval.fd_inf import fd_infinity
+
+        if fd_inf_bootstrap is None:
+            pools = [p for p in (ma.pool, mb.pool) if p is not None]
+            fd_inf_bootstrap = 50 if len(pools) == 2 and max(len(p) for p in pools) < pools[0].shape[1] else 0
+        r = fd_infinity(ma.pool, mb.pool, stats1=(sa.mu, sa.sigma), stats2=(sb.mu, sb.sigma), points=fd_inf_points,
+                        min_fraction=fd_inf_min_fraction, seed=seed, method="eig" if method == "eig" else "auto",
+                        bootstrap=fd_inf_bootstrap, progress=progress, names=(a, b))
+        out.update(fd_inf=r["fd_inf"], fd_inf_ci_low=r["low"], fd_inf_ci_high=r["high"],
+                   fd_inf_ci_method=r["ci_method"], fd_inf_se=r["se"], fd_inf_slope=r["slope"],
+                   fd_inf_sizes=r["sizes"], fd_inf_fids=r["fids"], fd_inf_line_at_largest=r["line_at_largest"],
+                   fd_inf_resid_std=r["resid_std"], fd_inf_fixed_sides=r["fixed_sides"], fd_inf_method=r["method"])
+        if r["note"]:
+            out["fd_inf_note"] = r["note"]
     if sfid:
         out["sfid"] = distance(sa.mu_s, sa.sigma_s, sb.mu_s, sb.sigma_s)
+        if bootstrap and (ma.spatial is not None or mb.spatial is not None):  # the same resamples as FID's
+            bs = bootstrap_fid(ma.spatial, mb.spatial, bootstrap, stats1=(sa.mu_s, sa.sigma_s),
+                               stats2=(sb.mu_s, sb.sigma_s), method="eig" if method == "eig" else "auto",
+                               estimate=out["sfid"], draws=draws, progress=progress)
+            out.update(sfid_ci_low=bs["low"], sfid_ci_high=bs["high"])
     if kid:
         from iddpm_eval.kid import kid as kid_fn
 
@@ -242,6 +295,13 @@ def compare(a: str, b: str, *, mode: str = "legacy-tf", weights: str | None = No
         r = compute_prdc(ma.pool, mb.pool, k=k)
         out.update({key: r[key] for key in ("precision", "recall", "density", "coverage", "k", "n_real", "n_fake")})
         out["reference"] = "a"
+        if bootstrap:  # the same resamples as FID's interval: both sets have features here
+            from iddpm_eval.prdc_boot import METRICS, bootstrap_prdc
+
+            bp = bootstrap_prdc(ma.pool, mb.pool, bootstrap, k=k, draws=draws, progress=progress)
+            for key in METRICS:
+                out.update({f"{key}_ci_low": bp[f"{key}_ci_low"], f"{key}_ci_high": bp[f"{key}_ci_high"]})
+            out["prdc_ci_method"] = bp["ci_method"]
     if save_features:
         import os
 
@@ -249,5 +309,6 @@ def compare(a: str, b: str, *, mode: str = "legacy-tf", weights: str | None = No
             if m.kind == "images" and m.pool is not None:
                 st = m.stats
                 st.mode, st.weights_sha256, st.fingerprint, st.source = m.mode, m.weights_sha256, m.fingerprint, m.spec
+                st.detector = m.detector
                 save_stats(os.path.join(save_features, f"{name}.npz"), st, features=m.pool, spatial=m.spatial)
     return out

@@ -113,3 +113,51 @@ def plot_joint(result, path: str | os.PathLike, *, n_col: str = "params", d_col:
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=7, loc="upper right")
     return save_figure(fig, path)
+
+
+def plot_isoflop(result: dict, path: str | os.PathLike, *, n_grid: int = 200) -> Path:
+    """IsoFLOP profiles (:func:`iddpm_eval.scaling_checks.isoflop_profiles`): left, y against model
+    size per budget with the interpolating spline and its minimum; right, the compute-optimal size
+    against budget with intervals and the fitted power law."""
+    from matplotlib import colormaps
+    from scipy.interpolate import CubicSpline
+
+    rows, profiles, y, n = result["rows"], result["profiles"], result["y"], result["n"]
+    cmap = colormaps["viridis"]
+    fig = Figure(figsize=(11, 4.4))
+    ax, bx = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for i, p in enumerate(profiles):
+        c = cmap(i / max(len(profiles) - 1, 1))
+        g = rows[rows["budget"] == p["budget"]].sort_values(n)
+        ln = np.log(g[n].to_numpy(float))
+        ax.scatter(g[n], g[y], s=16, color=c, label=f"C = {p['budget']:.3g}")
+        grid = np.linspace(ln[0], ln[-1], n_grid)
+        ax.plot(np.exp(grid), CubicSpline(ln, g[y].to_numpy(float), bc_type="natural")(grid), color=c, lw=1)
+        ax.scatter([p["N_opt"]], [p["y_opt"]], marker="*", s=90, color=c, edgecolors="k", zorder=5)
+    ax.set_xscale("log")
+    ax.set_xlabel(n)
+    ax.set_ylabel(y)
+    ax.set_title("IsoFLOP profiles (spline minimum: star)")
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=7)
+    cs = np.array([p["budget"] for p in profiles])
+    nopt = np.array([p["N_opt"] for p in profiles])
+    lo = np.array([p["N_opt_ci_low"] for p in profiles], float)
+    hi = np.array([p["N_opt_ci_high"] for p in profiles], float)
+    err = np.vstack([nopt - np.where(np.isnan(lo), nopt, lo), np.where(np.isnan(hi), nopt, hi) - nopt])
+    brk = np.array([p["bracketed"] for p in profiles])
+    bx.errorbar(cs[brk], nopt[brk], yerr=err[:, brk], fmt="o", color="tab:blue", capsize=3, label="optimum")
+    if (~brk).any():
+        bx.scatter(cs[~brk], nopt[~brk], marker="x", color="tab:red", label="at the edge of the sizes tried")
+    if "exponent" in result:
+        g = np.logspace(np.log10(cs.min()), np.log10(cs.max()), 50)
+        bx.plot(g, np.exp(result["log_coef"]) * g ** result["exponent"], color="k", lw=1,
+                label=f"N_opt ~ C^{result['exponent']:.3f}")
+    bx.set_xscale("log")
+    bx.set_yscale("log")
+    bx.set_xlabel("compute budget C (FLOPs)")
+    bx.set_ylabel(f"compute-optimal {n}")
+    bx.set_title("compute-optimal size against budget")
+    bx.grid(True, which="both", alpha=0.25)
+    bx.legend(fontsize=7)
+    return save_figure(fig, path)

@@ -28,8 +28,9 @@ The rule, per matched pair, with baseline value b, current value c and d = c - b
 Rows only in the current table are listed as ``added`` (not a failure); rows only in the
 baseline are ``missing`` and fail the gate unless ``allow_missing``. Tables that cannot be
 compared (unreadable, missing columns), a matched metric with no tolerance entry and no
-``[default]`` entry (an *unknown metric*), and pairs measured in a different ``mode`` or with
-different Inception weights (``weights_sha256``) give exit code 2.
+``[default]`` entry (an *unknown metric*), and pairs measured in a different ``mode``, with
+different weights (``weights_sha256``) or with a different feature network (``detector`` in the
+row's extra, Inception implied for rows in an Inception mode) give exit code 2.
 
 There is no implicit default tolerance. Without a tolerance file the built-in table
 :data:`BUILTIN_TOLERANCES` is used (no ``default`` entry); a file may add ``[default]``.
@@ -200,6 +201,25 @@ def _text(v: Any) -> str | None:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA or v == "" else str(v)
 
 
+def _detector(row: pd.Series) -> str | None:
+    """The feature network a row was measured with: ``detector`` in its extra JSON, else Inception
+    for rows in an Inception mode (rows written before the field existed)."""
+    from iddpm_eval.stats import implied_detector
+    from iddpm_eval.tables import parse_extra
+
+    try:
+        extra = parse_extra(row.get("extra"))
+    except ValueError:
+        extra = {}
+    return implied_detector(_text(extra.get("detector")), _text(row.get("mode")))
+
+
+def detector_mismatch(b: pd.Series, c: pd.Series) -> str | None:
+    """'detector X vs Y' when baseline and current rows name different feature networks."""
+    db, dc = _detector(b), _detector(c)
+    return f"detector {db!r} vs {dc!r}" if db and dc and db != dc else None
+
+
 def _last_per_key(df: pd.DataFrame, name: str, notes: list[str]) -> pd.DataFrame:
     dup = df.duplicated(["experiment", "metric"], keep=False)
     if dup.any():
@@ -295,8 +315,9 @@ def compare_tables(baseline: pd.DataFrame, current: pd.DataFrame, tolerances: To
         b, c = base.loc[key], cur.loc[key]
         mismatch = [col for col in ("mode", "weights_sha256")
                     if _text(b[col]) is not None and _text(c[col]) is not None and _text(b[col]) != _text(c[col])]
-        if mismatch:
-            what = ", ".join(f"{col} {_text(b[col])!r} vs {_text(c[col])!r}" for col in mismatch)
+        det = detector_mismatch(b, c)
+        if mismatch or det:
+            what = ", ".join([f"{col} {_text(b[col])!r} vs {_text(c[col])!r}" for col in mismatch] + ([det] if det else []))
             errors.append(f"({e}, {m}) cannot be compared: {what}")
             out.append(("INCOMPARABLE", e, m, float(b["value"]), float(c["value"]), math.nan, math.nan, math.nan, what))
             continue

@@ -29,8 +29,8 @@ from typing import Callable
 import numpy as np
 
 from iddpm_core.data import DataError, ImageSource, load_source
-from iddpm_eval.stats import (FeatureFile, FeatureStats, StatsError, extract, load_features, load_stats,
-                              npz_keys, stats_from_features)
+from iddpm_eval.stats import (INCEPTION, FeatureFile, FeatureStats, StatsError, extract, load_features,
+                              load_stats, npz_keys, stats_from_features)
 
 
 @dataclass
@@ -132,11 +132,21 @@ def _resolve_checkpoint(spec: str, options: dict) -> Resolved | None:
     return Resolved(spec, "images", images=src)
 
 
+def _resolve_pkl(spec: str, options: dict) -> Resolved | None:
+    """EDM2 reference statistics (``.pkl``, read without running code): the entry of the run's detector."""
+    path = Path(spec)
+    if path.suffix != ".pkl" or not path.is_file():
+        return None
+    from iddpm_eval.refstats import load_edm2_pkl
+
+    return Resolved(spec, "stats", stats=load_edm2_pkl(path, options.get("detector") or INCEPTION))
+
+
 def _resolve_data(spec: str, options: dict) -> Resolved | None:
     return Resolved(spec, "images", images=load_source(spec))
 
 
-RESOLVERS: list[Resolver] = [_resolve_npz, _resolve_checkpoint, _resolve_data]
+RESOLVERS: list[Resolver] = [_resolve_npz, _resolve_pkl, _resolve_checkpoint, _resolve_data]
 
 
 def register_resolver(fn: Resolver, first: bool = True) -> None:
@@ -188,6 +198,15 @@ def make_extractor(mode: str = "legacy-tf", weights: str | None = None, batch_si
                             progress=False)
 
 
+def make_dinov2_extractor(name: str = "dinov2-vitl14", weights: str | None = None, batch_size: int = 32,
+                          device: str | None = None, expected_sha256: str | None = None):
+    """The DINOv2 extractor (:mod:`iddpm_eval.dinov2`, needs timm)."""
+    from iddpm_eval.dinov2 import DinoV2Extractor
+
+    return DinoV2Extractor(name, weights=weights, device=device, batch_size=batch_size,
+                           expected_sha256=expected_sha256)
+
+
 @dataclass
 class Measured:
     """Statistics (and optionally features) of one source, with what they were computed from."""
@@ -202,6 +221,7 @@ class Measured:
     weights_sha256: str | None = None
     fingerprint: str | None = None
     from_stored_stats: bool = False
+    detector: str | None = None
 
 
 def _check_mode(name: str, got_mode, mode) -> None:
@@ -209,21 +229,38 @@ def _check_mode(name: str, got_mode, mode) -> None:
         raise StatsError(f"{name} was computed in FID mode {got_mode!r}, but this run uses --mode {mode}")
 
 
+def _check_detector(name: str, recorded, detector) -> None:
+    if recorded and detector and recorded != detector:
+        raise StatsError(f"{name} holds {recorded} statistics, but this run uses the {detector} detector")
+
+
+def _check_same(measured, attr: str, what: str, show=str) -> str | None:
+    """The one value of ``attr`` the measured sides share (None if none recorded); an error naming
+    every side and its value if they differ."""
+    known = {(getattr(m, attr), m.spec) for m in measured if getattr(m, attr)}
+    if len({v for v, _ in known}) > 1:
+        parts = ", ".join(f"{spec}: {show(v)}" for v, spec in sorted(known, key=lambda t: t[1]))
+        raise StatsError(f"sources were computed with different {what} ({parts})")
+    return next(iter(known))[0] if known else None
+
+
+def check_same_detector(*measured: "Measured") -> str | None:
+    """The one detector the measured sides share (None if none recorded); error naming both if they differ."""
+    return _check_same(measured, "detector", "detectors")
+
+
 def check_same_weights(*measured: "Measured") -> str | None:
     """The one weights sha256 the measured sides share (None if none recorded); error if they differ."""
-    known = {(m.weights_sha256, m.spec) for m in measured if m.weights_sha256}
-    if len({sha for sha, _ in known}) > 1:
-        parts = ", ".join(f"{spec}: {sha[:12]}..." for sha, spec in sorted(known, key=lambda t: t[1]))
-        raise StatsError(f"sources were computed with different Inception weights ({parts})")
-    return next(iter(known))[0] if known else None
+    return _check_same(measured, "weights_sha256", "weights", lambda sha: f"{sha[:12]}...")
 
 
 def measure(res: Resolved, extractor_fn: Callable[[], object], *, mode: str, need_features: bool,
             need_spatial: bool = False, num: int | None = None, seed: int | None = None,
-            batch_size: int = 64, progress: bool = True) -> Measured:
+            batch_size: int = 64, progress: bool = True, detector: str | None = None) -> Measured:
     """Statistics (and features when ``need_features``) of ``res``. ``extractor_fn`` is called
     only when images must go through the network. ``num`` subsamples images or cached features
-    (seeded, see :func:`iddpm_eval.stats.choose_indices`); statistics files cannot be subsampled."""
+    (seeded, see :func:`iddpm_eval.stats.choose_indices`); statistics files cannot be subsampled.
+    ``detector``: the run's feature network; stored statistics or features of another are refused."""
     from iddpm_eval.stats import choose_indices
 
     if res.kind == "stats":
@@ -234,12 +271,14 @@ def measure(res: Resolved, extractor_fn: Callable[[], object], *, mode: str, nee
             raise StatsError(f"{res.spec} holds statistics of {st.count} images; --num {num} cannot subsample them")
         if need_spatial and st.mu_s is None:
             raise StatsError(f"{res.spec} has no sFID statistics (mu_s, sigma_s)")
+        _check_detector(res.spec, st.detector, detector)
         _check_mode(res.spec, st.mode, mode)
         return Measured(res.spec, "stats", st, n=st.count, mode=st.mode or mode,
                         weights_sha256=st.weights_sha256, fingerprint=st.fingerprint,
-                        from_stored_stats=True)
+                        from_stored_stats=True, detector=st.detector or detector)
     if res.kind == "features":
         ff = res.features
+        _check_detector(res.spec, ff.detector, detector)
         _check_mode(res.spec, ff.mode, mode)
         if need_spatial and ff.spatial is None:
             raise StatsError(f"{res.spec} has no spatial features for sFID")
@@ -250,42 +289,84 @@ def measure(res: Resolved, extractor_fn: Callable[[], object], *, mode: str, nee
         mu_s, sigma_s = stats_from_features(spatial, res.spec) if need_spatial else (None, None)
         st = FeatureStats(mu, sigma, count=len(pool), mode=ff.mode or mode, weights_sha256=ff.weights_sha256,
                           fingerprint=ff.fingerprint if idx is None else None, source=res.spec,
-                          mu_s=mu_s, sigma_s=sigma_s)
+                          mu_s=mu_s, sigma_s=sigma_s, detector=ff.detector or detector)
         return Measured(res.spec, "features", st, pool=pool, spatial=spatial, n=len(pool), mode=st.mode,
-                        weights_sha256=ff.weights_sha256, fingerprint=st.fingerprint)
+                        weights_sha256=ff.weights_sha256, fingerprint=st.fingerprint, detector=st.detector)
     # images
     st = res.stats
     if (st is not None and not need_features and num is None and mode == "legacy-tf"
-            and (not need_spatial or st.mu_s is not None)):
+            and (not need_spatial or st.mu_s is not None) and (detector or INCEPTION) == (st.detector or INCEPTION)):
         return Measured(res.spec, "stats", st, n=len(res.images), mode=mode, weights_sha256=st.weights_sha256,
-                        from_stored_stats=True)
+                        from_stored_stats=True, detector=st.detector or INCEPTION)
     fx = extractor_fn()
     ex = extract(res.images, fx, num=num, seed=seed, batch_size=batch_size, keep_features=need_features,
                  progress=progress, desc=f"features {res.spec}")
     if need_spatial and ex.stats.mu_s is None:
         raise StatsError("the feature extractor gave no spatial features for sFID")
+    ex.stats.detector = getattr(fx, "detector", INCEPTION)
     return Measured(res.spec, "images", ex.stats, pool=ex.pool, spatial=ex.spatial, n=ex.count,
                     mode=getattr(fx, "mode", mode), weights_sha256=getattr(fx, "weights_sha256", None),
-                    fingerprint=ex.fingerprint)
+                    fingerprint=ex.fingerprint, detector=ex.stats.detector)
 
 
 def source_statistics(spec: str, out: str | os.PathLike, *, mode: str = "legacy-tf", weights: str | None = None,
                       num: int | None = None, seed: int | None = None, batch_size: int = 64, sfid: bool = False,
                       save_features: bool = False, progress: bool = True, device: str | None = None,
-                      sample_steps: int | None = None, sampler: str = "ddpm") -> FeatureStats:
+                      sample_steps: int | None = None, sampler: str = "ddpm", features: str = "inception",
+                      dinov2_weights: str | None = None, dinov2_sha256: str | None = None,
+                      adm_batch: bool = False) -> FeatureStats:
     """Compute the statistics of ``spec`` and write them to ``out`` (atomically): ``mu``, ``sigma``,
-    ``count``, ``mode``, ``weights_sha256``, ``fingerprint`` and ``source``; ``mu_s``/``sigma_s``
-    with ``sfid``; the ``pool`` (and ``spatial``) features with ``save_features``."""
+    ``count``, ``mode``, ``weights_sha256``, ``detector``, ``fingerprint`` and ``source``;
+    ``mu_s``/``sigma_s`` with ``sfid``; the ``pool`` (and ``spatial``) features with ``save_features``.
+    ``features``: "inception" or a DINOv2 model (mode "edm2"). ``out`` ending in ``.pkl``: an EDM2
+    reference file (:func:`iddpm_eval.refstats.save_edm2_pkl`); ``adm_batch``: an ADM evaluator
+    reference batch (the images as ``arr_0`` beside the statistics)."""
     from iddpm_eval.stats import save_stats
 
+    detector = INCEPTION if features == "inception" else features
+    if detector != INCEPTION:
+        mode = "edm2"
+        if sfid:
+            raise StatsError("sFID statistics need the Inception detector; drop --sfid with DINOv2 features")
+    pkl = str(out).endswith(".pkl")
+    if pkl and (save_features or adm_batch):
+        raise StatsError(f"{out}: an EDM2 .pkl holds mu/sigma only; write features or an ADM batch to an .npz")
+    if pkl:  # refused before any image goes through a network
+        from iddpm_eval.refstats import check_edm2_writable
+
+        check_edm2_writable(out, detector, mode)
+    if adm_batch and (detector != INCEPTION or mode != "legacy-tf"):
+        raise StatsError("ADM reference batches hold Inception legacy-tf statistics: use --mode legacy-tf, "
+                         "--detector inception")
     res = resolve(spec, num=num, seed=seed, batch_size=batch_size, sample_steps=sample_steps, sampler=sampler,
-                  device=device)
-    m = measure(res, lambda: make_extractor(mode, weights, batch_size, sfid, device), mode=mode,
-                need_features=save_features, need_spatial=sfid, num=num, seed=seed, batch_size=batch_size,
-                progress=progress)
+                  device=device, detector=detector)
+
+    def fx():
+        if detector == INCEPTION:
+            return make_extractor(mode, weights, batch_size, sfid or adm_batch, device)
+        return make_dinov2_extractor(detector, dinov2_weights, batch_size, device, dinov2_sha256)
+
+    m = measure(res, fx, mode=mode, need_features=save_features, need_spatial=sfid or adm_batch, num=num, seed=seed,
+                batch_size=batch_size, progress=progress, detector=detector)
     st = m.stats
     st.count, st.mode, st.weights_sha256, st.fingerprint = m.n, m.mode, m.weights_sha256, m.fingerprint
-    st.source = spec
-    save_stats(out, st, features=m.pool if save_features else None,
-               spatial=m.spatial if save_features else None)
+    st.source, st.detector = spec, m.detector
+    if pkl:
+        from iddpm_eval.refstats import save_edm2_pkl
+
+        save_edm2_pkl(out, st)
+    elif adm_batch:
+        from iddpm_eval.refstats import save_adm_batch
+        from iddpm_eval.stats import choose_indices
+
+        if res.kind != "images":
+            raise StatsError(f"{spec}: an ADM reference batch needs the images, this source holds {res.kind}")
+        idx = choose_indices(len(res.images), num, seed)
+        images, _ = res.images.batch(range(len(res.images)) if idx is None else idx)
+        if images.shape[-1] == 1:
+            images = np.repeat(images, 3, -1)
+        save_adm_batch(out, images, st)
+    else:
+        save_stats(out, st, features=m.pool if save_features else None,
+                   spatial=m.spatial if save_features else None)
     return st

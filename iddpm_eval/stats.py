@@ -7,7 +7,7 @@ one batch in memory at a time, and returns an :class:`Extraction` (statistics, o
 features, count and a sha256 fingerprint of the image bytes that went in).
 
 Files: :func:`save_stats` writes ``mu``, ``sigma``, ``count``, ``mode``, ``weights_sha256``,
-``fingerprint``, ``source`` (and ``mu_s``/``sigma_s`` for sFID, ``pool`` features on request).
+``fingerprint``, ``source``, ``detector`` (and ``mu_s``/``sigma_s`` for sFID, ``pool`` features on request).
 :func:`load_stats` also reads pytorch-fid and clean-fid ``mu``/``sigma`` files and ADM reference
 batches (``mu``, ``sigma``, ``mu_s``, ``sigma_s``).
 """
@@ -29,6 +29,20 @@ from iddpm_core.io import open_npz, save_npz
 
 class StatsError(ValueError):
     """Statistics or features that cannot be used; the message names the file."""
+
+
+INCEPTION = "inception-2015-12-05"  # the detector of FID (legacy-tf and clean modes)
+
+
+def implied_detector(detector: str | None, mode: str | None, dim: int | None = None) -> str | None:
+    """The recorded detector, or the Inception network for files that predate the field and say
+    they were made in an Inception mode, or hold 2048-dimensional pool_3 statistics without any
+    mode (ADM reference batches, pytorch-fid and clean-fid files)."""
+    if detector:
+        return detector
+    if mode in ("legacy-tf", "clean") or (not mode and dim == 2048):
+        return INCEPTION
+    return None
 
 
 class RunningStats:
@@ -84,6 +98,7 @@ class FeatureStats:
     mu_s: np.ndarray | None = None
     sigma_s: np.ndarray | None = None
     origin: str = "computed"  # "computed", or the file format it was read from
+    detector: str | None = None  # the feature network (INCEPTION, "dinov2-vitl14", ...)
 
     def __post_init__(self):
         self.mu, self.sigma = check_stats(self.mu, self.sigma, self.source or "statistics")
@@ -114,6 +129,14 @@ def stats_from_features(feats: np.ndarray, name: str = "features") -> tuple[np.n
         raise StatsError(f"{name}: {exc}") from None
 
 
+def bootstrap_draws(n1: int | None, n2: int | None, rounds: int, seed: int | None) -> list[tuple]:
+    """Bootstrap resamples shared by every metric of one feature pass: per round, indices drawn
+    with replacement from ``default_rng(seed)`` for side 1 then side 2 (None for a side without
+    features)."""
+    rng = np.random.default_rng(seed)
+    return [tuple(None if n is None else rng.integers(0, n, n) for n in (n1, n2)) for _ in range(rounds)]
+
+
 # ----------------------------------------------------------------------------- files
 
 def _meta(value):
@@ -130,7 +153,8 @@ def save_stats(path: str | os.PathLike, stats: FeatureStats, features: np.ndarra
         return
     arrays = dict(mu=stats.mu, sigma=stats.sigma, count=np.int64(stats.count or 0),
                   mode=np.str_(_meta(stats.mode)), weights_sha256=np.str_(_meta(stats.weights_sha256)),
-                  fingerprint=np.str_(_meta(stats.fingerprint)), source=np.str_(_meta(stats.source)))
+                  fingerprint=np.str_(_meta(stats.fingerprint)), source=np.str_(_meta(stats.source)),
+                  detector=np.str_(_meta(implied_detector(stats.detector, stats.mode))))
     if stats.mu_s is not None:
         arrays.update(mu_s=stats.mu_s, sigma_s=stats.sigma_s)
     if features is not None:
@@ -179,7 +203,7 @@ def load_stats(path: str | os.PathLike) -> FeatureStats:
         return FeatureStats(
             mu=z["mu"], sigma=z["sigma"], count=count or None, mode=_str(z, "mode"),
             weights_sha256=_str(z, "weights_sha256"), fingerprint=_str(z, "fingerprint"),
-            source=str(path), origin=origin,
+            source=str(path), origin=origin, detector=implied_detector(_str(z, "detector"), _str(z, "mode"), z["mu"].shape[-1]),
             mu_s=z["mu_s"] if {"mu_s", "sigma_s"} <= keys else None,
             sigma_s=z["sigma_s"] if {"mu_s", "sigma_s"} <= keys else None)
 
@@ -194,6 +218,7 @@ class FeatureFile:
     weights_sha256: str | None = None
     fingerprint: str | None = None
     source: str | None = None
+    detector: str | None = None
 
 
 def load_features(path: str | os.PathLike) -> FeatureFile:
@@ -207,7 +232,7 @@ def load_features(path: str | os.PathLike) -> FeatureFile:
         pool = z[key]
         spatial = z["spatial"] if "spatial" in keys else None
         meta = dict(mode=_str(z, "mode"), weights_sha256=_str(z, "weights_sha256"),
-                    fingerprint=_str(z, "fingerprint"))
+                    fingerprint=_str(z, "fingerprint"), detector=implied_detector(_str(z, "detector"), _str(z, "mode"), pool.shape[-1]))
     for name, arr in (("pool", pool), ("spatial", spatial)):
         if arr is None:
             continue

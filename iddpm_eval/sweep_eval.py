@@ -8,7 +8,8 @@ data (``fid_ref``, default the training data; the subset is drawn as ``iddpm-eva
 --seed S`` draws it). The reference features are computed once per sweep and cached in
 ``OUT/eval_cache/``. The interval comes from a bootstrap over images on both sides
 (``fid_bootstrap`` rounds), shifted by the bootstrap's own bias (see
-:func:`iddpm_eval.fid.bootstrap_fid`).
+:func:`iddpm_eval.fid.bootstrap_fid`). With ``fid_fd_inf`` the row also gets FD-infinity
+(:mod:`iddpm_eval.fd_inf`; columns ``fd_inf``, ``fd_inf_ci_low``/``high``).
 With fewer images than feature dimensions (2048) the distance is computed in the span of the
 images (:func:`iddpm_eval.fid.fid_lowrank`: exact, no 1e-6 regularisation, and milliseconds instead of the
 minute a 2048 x 2048 ``sqrtm`` takes on a busy CPU); column ``fid_method`` says which form was
@@ -38,7 +39,8 @@ DEFAULTS = {
     "fid_num": 256, "fid_steps": 25, "fid_sampler": "ddim", "fid_eta": 0.0, "fid_ref": None, "fid_ref_num": None,
     "fid_bootstrap": 200, "fid_mode": "legacy-tf", "fid_weights": None, "fid_batch_size": 64,
     "sample_batch_size": 256, "nll_num": 64, "nll_estimate": 16, "nll_data": None, "nll_batch_size": 256,
-    "seed": 0, "device": None,
+    "seed": 0, "device": None, "fid_fd_inf": False, "fid_fd_inf_points": 15, "fid_fd_inf_min_fraction": 0.2,
+    "fid_fd_inf_bootstrap": 50,
 }
 
 _EXTRACTORS: dict = {}
@@ -152,7 +154,19 @@ def fid_of_checkpoint(checkpoint: str, s: dict, out_dir: Path, cache_dir: Path, 
         out.update(fid_ci_low=bs["low"], fid_ci_high=bs["high"], fid_boot_bias=bs["bias"],
                    fid_boot_pct_low=bs["pct_low"], fid_boot_pct_high=bs["pct_high"])
         out.update(fid_bootstrap=rounds, fid_ci_method="bootstrap-percentile-bias-shifted")
+    if s["fid_fd_inf"]:
+        out.update(fd_inf_columns(gen, ref, s))
     return out
+
+
+def fd_inf_columns(gen: np.ndarray, ref: np.ndarray, s: dict) -> dict:
+    """FD-infinity of the samples against the reference features (settings ``fid_fd_inf_*``)."""
+    from iddpm_eval.fd_inf import fd_infinity
+
+    r = fd_infinity(ref, gen, points=int(s["fid_fd_inf_points"]), min_fraction=float(s["fid_fd_inf_min_fraction"]),
+                    seed=int(s["seed"]), bootstrap=int(s["fid_fd_inf_bootstrap"]))
+    return {"fd_inf": r["fd_inf"], "fd_inf_ci_low": r["low"], "fd_inf_ci_high": r["high"],
+            "fd_inf_ci_method": r["ci_method"], "fd_inf_slope": r["slope"], "fd_inf_min_n": r["sizes"][0]}
 
 
 def nll_of_checkpoint(checkpoint: str, s: dict, out_dir: Path, progress: bool = False) -> dict:
