@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import pickle
 import struct
 import zipfile
 from pathlib import Path
@@ -37,7 +36,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from iddpm_core.io import open_npz
+from iddpm_core.io import RefusedPickle, load_plain_pickle, open_npz
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
@@ -423,61 +422,14 @@ def digits() -> ArraySource:
 
 # ----------------------------------------------------------------------------- CIFAR-10
 
-def _latin1_bytes(text, encoding):
-    """``_codecs.encode`` as Python 3 protocol-2 pickles use it for bytes (latin-1 only)."""
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError(f"_codecs.encode({type(text).__name__}, {encoding!r}) is not bytes data")
-    return text.encode("latin-1")
-
-
-def _plain_dtype(*args):
-    dtype = np.dtype(*args)
-    if dtype.hasobject:
-        raise pickle.UnpicklingError(f"dtype {dtype} holds Python objects")
-    return dtype
-
-
-def _cifar_globals() -> dict:
-    """The only globals a CIFAR-10 python batch refers to: numpy's array reconstruction (written by
-    Python 2's cPickle and by numpy 1.x/2.x under protocols 2-5) and protocol 2's bytes encoding."""
-    try:
-        from numpy._core import multiarray, numeric
-    except ImportError:  # numpy 1.x
-        from numpy.core import multiarray, numeric
-    out = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _plain_dtype,
-           ("_codecs", "encode"): _latin1_bytes}
-    for mod in ("numpy.core", "numpy._core"):
-        out[(f"{mod}.multiarray", "_reconstruct")] = multiarray._reconstruct
-        out[(f"{mod}.numeric", "_frombuffer")] = numeric._frombuffer
-    return out
-
-
-class _CifarUnpickler(pickle.Unpickler):
-    """Builds dicts, lists, strings, bytes, numbers and plain numpy arrays; any other global (a
-    function to call, a class to build) is refused, so a crafted batch cannot run code."""
-
-    allowed = None
-
-    def find_class(self, module, name):
-        if _CifarUnpickler.allowed is None:
-            _CifarUnpickler.allowed = _cifar_globals()
-        fn = _CifarUnpickler.allowed.get((module, name))
-        if fn is None:
-            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR-10 batch never holds")
-        return fn
-
-    def persistent_load(self, pid):
-        raise pickle.UnpicklingError("it holds persistent references, which a CIFAR-10 batch never holds")
-
-
 def read_cifar_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """``data`` [N, 3072] uint8 and ``labels`` [N] int64 of one CIFAR-10 python batch, read without
-    running code (see :class:`_CifarUnpickler`); anything else is refused, naming the file."""
+    running code (:func:`iddpm_core.io.load_plain_pickle`); anything else is refused, naming the file."""
     path = Path(path)
     try:
         with open(path, "rb") as fh:
-            d = _CifarUnpickler(fh, encoding="bytes").load()
-    except pickle.UnpicklingError as exc:
+            d = load_plain_pickle(fh, encoding="bytes")
+    except RefusedPickle as exc:
         raise DataError(f"{path}: not a CIFAR-10 batch, refused without running it: {exc}") from None
     except Exception as exc:  # truncated or foreign files raise many types
         raise DataError(f"cannot read CIFAR-10 batch {path}: {type(exc).__name__}: {exc}") from None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import pickle
 import re
 import socket
 import stat
@@ -261,3 +262,70 @@ def open_npz(path: str | os.PathLike, error: type[Exception] = ValueError) -> _N
         return _NpzReader(path, error)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise error(f"cannot read {path} as .npz: {exc}") from exc
+
+
+# ----------------------------------------------------------------------------- plain pickles
+
+def _latin1_bytes(text, encoding):
+    """``_codecs.encode`` as Python 3 protocol-2 pickles use it for bytes (latin-1 only)."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise RefusedPickle(f"_codecs.encode({type(text).__name__}, {encoding!r}) is not bytes data")
+    return text.encode("latin-1")
+
+
+def _plain_dtype(*args):
+    import numpy as np
+
+    dtype = np.dtype(*args)
+    if dtype.hasobject:
+        raise RefusedPickle(f"dtype {dtype} holds Python objects")
+    return dtype
+
+
+def _plain_globals() -> dict:
+    """The only globals a pickle of plain data refers to: numpy's array and scalar reconstruction
+    (as Python 2's cPickle and numpy 1.x/2.x write them under protocols 2-5) and protocol 2's
+    spelling of bytes."""
+    import numpy as np
+
+    try:
+        from numpy._core import multiarray, numeric
+    except ImportError:  # numpy 1.x
+        from numpy.core import multiarray, numeric
+    out = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _plain_dtype,
+           ("_codecs", "encode"): _latin1_bytes}
+    for mod in ("numpy.core", "numpy._core"):
+        out[(f"{mod}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        out[(f"{mod}.multiarray", "scalar")] = multiarray.scalar
+        out[(f"{mod}.numeric", "_frombuffer")] = numeric._frombuffer
+    return out
+
+
+class RefusedPickle(pickle.UnpicklingError):
+    """A pickle asked for something other than plain data; nothing of it was run."""
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Builds dicts, lists, tuples, strings, bytes, numbers and numpy arrays of plain dtypes; any
+    other global (a function to call, a class to build) is refused before it is called."""
+
+    allowed: dict | None = None
+
+    def find_class(self, module, name):
+        if _PlainUnpickler.allowed is None:
+            _PlainUnpickler.allowed = _plain_globals()
+        fn = _PlainUnpickler.allowed.get((module, name))
+        if fn is None:
+            raise RefusedPickle(f"refusing to load {module}.{name}: only plain data (containers, "
+                                         "numbers, strings, numpy arrays) is read from this pickle")
+        return fn
+
+    def persistent_load(self, pid):
+        raise RefusedPickle("it holds persistent references, which plain data never has")
+
+
+def load_plain_pickle(fh, encoding: str = "ASCII"):
+    """Unpickle the open binary file ``fh`` without running code: only plain data is built (see
+    :class:`_PlainUnpickler`); anything else raises :class:`RefusedPickle` naming the global.
+    ``encoding="bytes"`` keeps Python 2 strings as bytes (CIFAR-10's batches)."""
+    return _PlainUnpickler(fh, encoding=encoding).load()

@@ -24,35 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from iddpm_core.io import save_npz, write_bytes
+from iddpm_core.io import RefusedPickle, load_plain_pickle, save_npz, write_bytes
 from iddpm_eval.stats import INCEPTION, FeatureStats, StatsError
 
 # EDM2's metric key -> (our detector, preprocessing mode)
 EDM2_KEYS = {"fid": (INCEPTION, "legacy-tf"), "fd_dinov2": ("dinov2-vitl14", "edm2")}
-_ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("_codecs", "encode"),  # protocol 2 spells bytes as encode(str, 'latin1'): string in, bytes out
-}
-
-
-class _ArraysOnly(pickle.Unpickler):
-    def __init__(self, f, name: str):
-        super().__init__(f)
-        self.name = name
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in _ALLOWED:
-            return super().find_class(module, name)
-        raise StatsError(f"{self.name}: refusing to load {module}.{name} from this pickle; EDM2 reference "
-                         f"statistics hold only dicts and numpy arrays")
-
-    def persistent_load(self, pid):
-        raise StatsError(f"{self.name}: pickle with persistent ids is not a statistics file")
-
-
 def read_pickle_safely(path: str | os.PathLike):
     """Unpickle ``path`` admitting only plain containers, numbers, strings and numpy arrays."""
     path = Path(path)
@@ -61,9 +37,9 @@ def read_pickle_safely(path: str | os.PathLike):
     except OSError as exc:
         raise StatsError(f"cannot read {path}: {exc}") from None
     try:
-        return _ArraysOnly(io.BytesIO(data), str(path)).load()
-    except StatsError:
-        raise
+        return load_plain_pickle(io.BytesIO(data))
+    except RefusedPickle as exc:
+        raise StatsError(f"{path}: {exc}; EDM2 reference statistics hold only dicts and numpy arrays") from None
     except Exception as exc:  # noqa: BLE001 - a malformed pickle is the user's input error
         raise StatsError(f"{path}: not a readable pickle ({type(exc).__name__}: {exc})") from None
 
