@@ -113,3 +113,20 @@ def test_fid_by_sampling_steps_rows(tmp_path, monkeypatch):
         assert r["fid"] == pytest.approx(fid_from_features(fake(saved)["pool"], ref), rel=1e-9)
     with pytest.raises(ValueError, match="set by this function"):
         fid_by_sampling_steps(str(path), tmp_path / "o2", eval_settings={"fid_steps": 5})
+
+
+def test_set_solver_refuses_bad_choices_and_keeps_the_model():
+    m = _perturbed(CUNET)  # non-zero output layer: the outputs below are not trivially equal
+    for bad in (("bogus", 1), ("rk4", 0)):
+        with pytest.raises(ValueError, match="solver"):
+            m.set_solver(*bad)
+        assert (m.config.solver, m.config.solver_steps) == ("rk4", 1)
+        assert all((b.solver, b.steps) == ("rk4", 1) for b in m.ode_blocks())
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([1.0, 900.0])
+    with torch.no_grad():
+        ref = m(x, t)
+        m.set_solver("euler", 4)
+        other = m(x, t)
+        assert m.nfe == 5 * 4 and not torch.equal(other, ref)
+        m.set_solver("rk4", 1)
+        torch.testing.assert_close(m(x, t), ref, rtol=0, atol=0)  # same weights, same operations
