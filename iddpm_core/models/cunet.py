@@ -147,6 +147,18 @@ class ContinuousUNet(nn.Module):
         """Function evaluations of all ODE blocks since the last :meth:`reset_nfe` (each forward resets)."""
         return sum(b.func.nfe for b in self.ode_blocks())
 
+    def set_solver(self, solver: str, steps: int = 1, rtol: float | None = None, atol: float | None = None) -> None:
+        """Integrate every ODE block with another solver (same weights): e.g. a model trained with rk4
+        sampled with euler. ``self.config`` is updated to match; a bad choice raises ValueError."""
+        from dataclasses import replace
+
+        cfg = replace(self.config, solver=solver, solver_steps=int(steps), rtol=self.config.rtol if rtol is None
+                      else float(rtol), atol=self.config.atol if atol is None else float(atol))
+        cfg.validate()
+        self.config = cfg
+        for b in self.ode_blocks():
+            b.solver, b.steps, b.rtol, b.atol = cfg.solver, cfg.solver_steps, cfg.rtol, cfg.atol
+
     def reset_nfe(self) -> None:
         for b in self.ode_blocks():
             b.func.nfe = 0
