@@ -27,16 +27,19 @@ def resolve_spec(name: str, suite: str | None) -> tuple[Path, str]:
     return p, suite
 
 
-def _command() -> str:
-    """The command line as typed: ``iddpm-eval experiment ...`` or ``python -m benchmarks.SUITE ...``."""
+def _command(name: str, options: dict) -> str:
+    """The command that reruns this experiment: ``python -m benchmarks.SUITE ...`` when started that
+    way, else ``iddpm-eval experiment ...``, with the options that were given."""
     argv0 = Path(sys.argv[0])
-    if argv0.name == "__main__.py":
-        try:
-            mod = ".".join(argv0.resolve().parent.relative_to(Path.cwd().resolve()).parts)
-        except ValueError:
-            mod = argv0.parent.name
-        return shlex.join(["python", "-m", mod, *sys.argv[1:]])
-    return shlex.join([argv0.name, *sys.argv[1:]])
+    prog = ["iddpm-eval", "experiment"]
+    if argv0.name == "__main__.py" and argv0.parent.parent.name == "benchmarks":
+        prog = ["python", "-m", f"benchmarks.{argv0.parent.name}"]
+        options = {k: v for k, v in options.items() if k != "--suite"}  # the module gives it
+    args = [name]
+    for flag, value in options.items():
+        if value not in (None, False):
+            args += [flag] if value is True else [flag, str(value)]
+    return shlex.join(prog + args)
 
 
 @click.command("experiment")
@@ -58,6 +61,7 @@ def experiment(name, suite, preset, out_dir, work_dir, launcher, max_parallel, e
     from iddpm_core.sweep import SweepError
     from iddpm_eval.experiment.spec import load_experiment
 
+    given_suite = suite
     path, suite = resolve_spec(name, suite)
     try:
         exp = load_experiment(path, preset)
@@ -77,7 +81,9 @@ def experiment(name, suite, preset, out_dir, work_dir, launcher, max_parallel, e
     stem = exp.name
     work = Path(work_dir or Path("runs") / suite / stem / preset)
     out = Path(out_dir or (Path("results") / suite / stem if preset == "full" else work / "results"))
-    command = _command()
+    command = _command(name, {"--suite": given_suite, "--preset": preset,
+                                   "--out": out_dir, "--work": work_dir, "--launcher": launcher,
+                                   "--max-parallel": max_parallel})
     from iddpm_eval.experiment.run import run_experiment
 
     try:
