@@ -33,7 +33,9 @@ def run_cli(name: str, work: Path, out: Path):
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
+def smoke(tmp_path_factory, one_thread):
+    # one torch thread: the smoke models are tiny, and a second thread only waits (badly so on a
+    # busy machine); the suite's xdist workers run with one thread each anyway
     base = tmp_path_factory.mktemp("paper")
     done = {}
     for name in EXPERIMENTS:
