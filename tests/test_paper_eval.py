@@ -3,6 +3,8 @@ FID against sampling steps, and the gradient-noise hook."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -110,3 +112,19 @@ def test_orderings_judged_by_the_intervals():
     assert judge((2.0, 1.9, 2.1), (1.0, 0.9, 1.1)) == "reversed"
     assert judge((1.0, 0.5, 1.95), (2.0, 1.9, 2.1)).startswith("inconclusive")
     assert judge((1.0, float("nan"), 1.1), (2.0, 1.9, 2.1)) == "not measured"
+
+
+def test_estimate_scales_measured_costs_by_the_preset_counts():
+    from iddpm_eval.experiment.estimate import estimate
+    from iddpm_eval.experiment.spec import load_experiment
+
+    exp = load_experiment(Path(__file__).resolve().parent.parent / "benchmarks" / "paper" / "scaling.toml", "smoke")
+    costs = {"train_step": {8: 2.0}, "sample_step_per_image": {8: 0.01}, "per_example_grad": {8: 0.1},
+             "inception_per_image": {0: 0.5}}
+    e = estimate(exp, costs)
+    # widths 8, 12, 16, 20 scale the 8-channel cost by (w/8)^2; batch 8 of 64; 4 steps each
+    assert e["train_s"] == pytest.approx(2.0 * (1 + 2.25 + 4 + 6.25) * 8 / 64 * 4)
+    # per checkpoint: 8 samples x (4 steps x fwd + Inception) + 4 images x 2 timesteps x fwd x 1.5; 2 checkpoints
+    per = lambda f: 8 * (4 * f + 0.5) + 4 * 2 * f * 1.5  # noqa: E731
+    want = sum(2 * per(0.01 * (w / 8) ** 2) for w in (8, 12, 16, 20)) + 16 * 0.5  # + the reference images
+    assert e["eval_s"] == pytest.approx(want)
