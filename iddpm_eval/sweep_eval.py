@@ -21,6 +21,10 @@ Bits/dim. :func:`iddpm_eval.nll.evaluate` on the first ``nll_num`` images of ``n
 K timesteps per image (``nll_estimate`` K); ``nll_stderr`` is the standard error over images
 (which includes the timestep noise of the estimate). Per-image results stay in
 ``<run>/eval/step_XXXXXX/nll/``; a rerun reuses them.
+
+Precision/recall. With ``fid_pr`` 1, precision, recall, density and coverage (k = 3,
+:func:`iddpm_eval.prdc.compute_prdc`) of the FID samples against the FID reference, from the same
+Inception features (no second pass).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from iddpm_core.io import save_npz
 # Defaults of the settings read from run_info["eval"]; the CLI passes all of them.
 DEFAULTS = {
     "fid_num": 256, "fid_steps": 25, "fid_sampler": "ddim", "fid_eta": 0.0, "fid_ref": None, "fid_ref_num": None,
-    "fid_bootstrap": 200, "fid_mode": "legacy-tf", "fid_weights": None, "fid_batch_size": 64,
+    "fid_bootstrap": 200, "fid_pr": 0, "fid_mode": "legacy-tf", "fid_weights": None, "fid_batch_size": 64,
     "sample_batch_size": 256, "nll_num": 64, "nll_estimate": 16, "nll_data": None, "nll_batch_size": 256,
     "seed": 0, "device": None, "fid_fd_inf": False, "fid_fd_inf_points": 15, "fid_fd_inf_min_fraction": 0.2,
     "fid_fd_inf_bootstrap": 50,
@@ -156,6 +160,11 @@ def fid_of_checkpoint(checkpoint: str, s: dict, out_dir: Path, cache_dir: Path, 
         out.update(fid_bootstrap=rounds, fid_ci_method="bootstrap-percentile-bias-shifted")
     if s["fid_fd_inf"]:
         out.update(fd_inf_columns(gen, ref, s))
+    if int(s["fid_pr"]):
+        from iddpm_eval.prdc import compute_prdc
+
+        pr = compute_prdc(ref, gen, k=3, device=s["device"])
+        out.update({k: pr[k] for k in ("precision", "recall", "density", "coverage")}, pr_k=pr["k"])
     return out
 
 
