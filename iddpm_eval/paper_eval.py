@@ -88,7 +88,8 @@ def evaluate_sampling_steps(checkpoint: str, run_info: dict) -> dict:
                 got = json.loads(cell.read_text())
             else:
                 sm, sampler = _variant_model(checkpoint, variant, s["device"])
-                got = sweep_eval.fid_of_checkpoint(sm, {**s, "fid_sampler": sampler, "fid_steps": int(k)},
+                steps = int(k) or int(sm.diffusion_config.steps)  # 0 = every step of the chain
+                got = sweep_eval.fid_of_checkpoint(sm, {**s, "fid_sampler": sampler, "fid_steps": steps},
                                                    cell.parent / name, cache_dir, bool(run_info.get("progress")))
                 got = {c: got.get(c) for c in ("fid", "fid_ci_low", "fid_ci_high", "fid_n", "sample_seconds")}
                 write_text(cell, json.dumps(got, sort_keys=True) + "\n")
