@@ -63,6 +63,7 @@ class TrainConfig:
     sample_num: int = 64                 # images in the grid
     sample_steps: str = "50"             # respacing of the grid's sampler; "ddimK" samples with DDIM
     device: str = "auto"                 # "auto" (cuda if present), "cpu", "cuda", "cuda:1", ...
+    precision: str = "fp32"              # "bf16": the model's forward under bfloat16 autocast
 
     def __post_init__(self):
         self.ema_rates = tuple(float(r) for r in (self.ema_rates if isinstance(self.ema_rates, (list, tuple))
@@ -89,6 +90,7 @@ class TrainConfig:
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.log_interval >= 1, f"log_interval must be >= 1, got {self.log_interval}")
         need(self.sample_num >= 1, f"sample_num must be >= 1, got {self.sample_num}")
+        need(self.precision in ("fp32", "bf16"), f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .layers import AttentionBlock, TimeEmbedding, check_input, normalization, zero_module
+from .layers import AttentionBlock, TimeEmbedding, check_input, fast_ops, norm_silu, normalization, zero_module
 
 
 class ResBlock(nn.Module):
@@ -26,14 +26,17 @@ class ResBlock(nn.Module):
         self.skip = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.in_layers(x)
+        norm, _, conv = self.in_layers
+        h = conv(norm_silu(norm, x))
         e = self.emb_layers(emb).type(h.dtype)[:, :, None, None]
         if self.scale_shift:
             scale, shift = e.chunk(2, dim=1)
-            h = self.out_norm(h) * (1 + scale) + shift
+            h = torch.addcmul(shift, self.out_norm(h), 1 + scale)  # norm(h) * (1 + scale) + shift
         else:
             h = self.out_norm(h + e)
-        return self.skip(x) + self.out_layers(h)
+        _, dropout, conv = self.out_layers
+        h = conv(dropout(F.silu(h, inplace=fast_ops() and not torch.is_grad_enabled())))
+        return self.skip(x) + h
 
 
 class Downsample(nn.Module):
@@ -124,11 +127,13 @@ class UNetModel(nn.Module):
         check_input(x, self.config.in_channels, self.levels)
         emb = self.time_embed(t, y, x.shape[0])
         hs = []
-        h = x
+        # channels-last activations: oneDNN's convolutions and the attention's token layout need no reorders
+        h = x.contiguous(memory_format=torch.channels_last) if fast_ops() else x
         for block in self.input_blocks:
             h = block(h, emb)
             hs.append(h)
         h = self.middle_block(h, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, hs.pop()], dim=1), emb)
-        return self.out(h)
+        norm, _, conv = self.out
+        return conv(norm_silu(norm, h)).contiguous()
