@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 
 # Fast paths (default): channels-last activations, attention by F.scaled_dot_product_attention on the
-# token-major layout, SiLU in place after GroupNorm when no gradient is recorded. They change float
-# rounding only; ``reference_ops()`` switches them off (tests compare the two).
+# token-major layout, GroupNorm + scale-shift + SiLU as one autograd node (group_norm_act). They change
+# float rounding only; ``reference_ops()`` switches them off (tests compare the two).
 _FAST = True
 
 
@@ -32,9 +32,83 @@ def reference_ops():
         _FAST = old
 
 
-def norm_silu(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """SiLU(norm(x)); in place on the normalised tensor when no gradient is recorded (one buffer less)."""
-    return F.silu(norm(x), inplace=_FAST and not torch.is_grad_enabled())
+class _GroupNormAct(torch.autograd.Function):
+    """GroupNorm, optional scale-shift ``z = GN(x) * (1 + scale) + shift`` and optional SiLU, as one
+    autograd node. Statistics come from per-channel sums over the spatial positions (reductions that run
+    along memory on channels-last tensors), combined per group in float64; the normalisation, affine and
+    scale-shift fold into one multiply-add per element; the backward is two reductions and two passes."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, shift, groups: int, eps: float, act: bool):
+        n, c = x.shape[:2]
+        dims = tuple(range(2, x.dim()))
+        m = (c // groups) * x[0, 0].numel()
+        s1 = x.sum(dims).double().view(n, groups, -1).sum(-1)
+        s2 = x.square().sum(dims).double().view(n, groups, -1).sum(-1)
+        mean = s1 / m
+        rstd = ((s2 / m - mean * mean).clamp_min(0) + eps).rsqrt()
+        mean, rstd = mean.repeat_interleave(c // groups, 1), rstd.repeat_interleave(c // groups, 1)  # [n, c]
+        gamma, beta = weight.double(), bias.double()
+        one_plus = 1 + scale.double() if scale is not None else None
+        k = gamma * one_plus if one_plus is not None else gamma.expand(n, c)
+        b = beta - mean * rstd * gamma
+        if one_plus is not None:
+            b = b * one_plus
+        if shift is not None:
+            b = b + shift.double()
+        view = (n, c) + (1,) * len(dims)
+        z = torch.addcmul(b.to(x.dtype).view(view), x, (rstd * k).to(x.dtype).view(view))
+        out = F.silu(z) if act else z
+        ctx.save_for_backward(x, z if act else None, mean, rstd, gamma, beta, one_plus)
+        ctx.groups, ctx.act, ctx.has_scale, ctx.has_shift = groups, act, scale is not None, shift is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, z, mean, rstd, gamma, beta, one_plus = ctx.saved_tensors
+        n, c = x.shape[:2]
+        dims = tuple(range(2, x.dim()))
+        view = (n, c) + (1,) * len(dims)
+        g = ctx.groups
+        m = (c // g) * x[0, 0].numel()
+        dz = torch.ops.aten.silu_backward(grad_out, z) if ctx.act else grad_out
+        s_dz = dz.sum(dims).double()                                       # sum dz
+        s_dz_xhat = rstd * ((dz * x).sum(dims).double() - mean * s_dz)    # sum dz * xhat
+        ones = one_plus if one_plus is not None else torch.ones_like(s_dz)
+        k = gamma * ones
+        grad_x = grad_w = grad_b = grad_scale = grad_shift = None
+        if ctx.needs_input_grad[0]:
+            a = (k * s_dz).view(n, g, -1).sum(-1).repeat_interleave(c // g, 1) / m
+            bb = (k * s_dz_xhat).view(n, g, -1).sum(-1).repeat_interleave(c // g, 1) / m
+            # dx = rstd * (k dz - a - xhat * bb) = p dz + q x + r
+            p, q, r = rstd * k, -rstd * rstd * bb, rstd * (rstd * bb * mean - a)
+            grad_x = torch.addcmul(r.to(x.dtype).view(view), x, q.to(x.dtype).view(view))
+            grad_x.addcmul_(dz, p.to(x.dtype).view(view))
+        if ctx.needs_input_grad[1]:
+            grad_w = (ones * s_dz_xhat).sum(0).to(x.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = (ones * s_dz).sum(0).to(x.dtype)
+        if ctx.has_scale and ctx.needs_input_grad[3]:
+            grad_scale = (gamma * s_dz_xhat + beta * s_dz).to(x.dtype)
+        if ctx.has_shift and ctx.needs_input_grad[4]:
+            grad_shift = s_dz.to(x.dtype)
+        return grad_x, grad_w, grad_b, grad_scale, grad_shift, None, None, None
+
+
+def group_norm_act(norm: nn.GroupNorm, x: torch.Tensor, scale: torch.Tensor | None = None,
+                   shift: torch.Tensor | None = None, act: bool = True) -> torch.Tensor:
+    """``SiLU(norm(x) * (1 + scale) + shift)`` (scale, shift: [N, C] or None; ``act=False`` skips the
+    SiLU). One fused node for float32/float64 on the fast path; the plain modules otherwise (reference
+    operations, or bfloat16/float16 under autocast, where GroupNorm32 computes in float32)."""
+    if _FAST and x.dtype in (torch.float32, torch.float64) and x.dim() >= 3:
+        return _GroupNormAct.apply(x, norm.weight, norm.bias, scale, shift, norm.num_groups, norm.eps, act)
+    h = norm(x)
+    if scale is not None:
+        view = scale.shape + (1,) * (x.dim() - 2)
+        h = h * (1 + scale.view(view))
+    if shift is not None:
+        h = h + shift.view(shift.shape + (1,) * (x.dim() - 2))
+    return F.silu(h) if act else h
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -97,7 +171,7 @@ class AttentionBlock(nn.Module):
         b, c, *spatial = x.shape
         d = c // self.num_heads
         tokens = x.reshape(b, c, -1).transpose(1, 2)
-        normed = self.norm(x).reshape(b, c, -1).transpose(1, 2)
+        normed = group_norm_act(self.norm, x, act=False).reshape(b, c, -1).transpose(1, 2)
         qkv = F.linear(normed, self.qkv.weight.squeeze(-1), self.qkv.bias)
         q, k, v = qkv.unflatten(-1, (self.num_heads, 3, d)).permute(3, 0, 2, 1, 4)  # each [b, heads, T, d]
         h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v

@@ -7,7 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .layers import AttentionBlock, TimeEmbedding, check_input, fast_ops, norm_silu, normalization, zero_module
+from .layers import (AttentionBlock, TimeEmbedding, check_input, fast_ops, group_norm_act, normalization,
+                     zero_module)
 
 
 class ResBlock(nn.Module):
@@ -26,17 +27,28 @@ class ResBlock(nn.Module):
         self.skip = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if not fast_ops():
+            return self._forward_reference(x, emb)
         norm, _, conv = self.in_layers
-        h = conv(norm_silu(norm, x))
+        h = conv(group_norm_act(norm, x))
+        e = self.emb_layers(emb).type(h.dtype)
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = group_norm_act(self.out_norm, h, scale, shift)
+        else:
+            h = group_norm_act(self.out_norm, h + e[:, :, None, None])
+        _, dropout, conv = self.out_layers
+        return self.skip(x) + conv(dropout(h))
+
+    def _forward_reference(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
         e = self.emb_layers(emb).type(h.dtype)[:, :, None, None]
         if self.scale_shift:
             scale, shift = e.chunk(2, dim=1)
-            h = torch.addcmul(shift, self.out_norm(h), 1 + scale)  # norm(h) * (1 + scale) + shift
+            h = self.out_norm(h) * (1 + scale) + shift
         else:
             h = self.out_norm(h + e)
-        _, dropout, conv = self.out_layers
-        h = conv(dropout(F.silu(h, inplace=fast_ops() and not torch.is_grad_enabled())))
-        return self.skip(x) + h
+        return self.skip(x) + self.out_layers(h)
 
 
 class Downsample(nn.Module):
@@ -135,5 +147,7 @@ class UNetModel(nn.Module):
         h = self.middle_block(h, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, hs.pop()], dim=1), emb)
+        if not fast_ops():
+            return self.out(h)
         norm, _, conv = self.out
-        return conv(norm_silu(norm, h)).contiguous()
+        return conv(group_norm_act(norm, h)).contiguous()
