@@ -32,6 +32,31 @@ def reference_ops():
         _FAST = old
 
 
+def _group_norm_act(x, weight, bias, scale, shift, groups: int, eps: float, act: bool, inplace: bool):
+    """Forward of :class:`_GroupNormAct`: (output, pre-activation z, per-channel mean and rstd [N, C] and
+    1 + scale, in float64). ``inplace`` applies the SiLU on z itself (when no backward needs z)."""
+    n, c = x.shape[:2]
+    dims = tuple(range(2, x.dim()))
+    m = (c // groups) * x[0, 0].numel()
+    s1 = x.sum(dims).double().view(n, groups, -1).sum(-1)
+    s2 = x.square().sum(dims).double().view(n, groups, -1).sum(-1)
+    mean = s1 / m
+    rstd = ((s2 / m - mean * mean).clamp_min(0) + eps).rsqrt()
+    mean, rstd = mean.repeat_interleave(c // groups, 1), rstd.repeat_interleave(c // groups, 1)  # [n, c]
+    gamma, beta = weight.double(), bias.double()
+    one_plus = 1 + scale.double() if scale is not None else None
+    k = gamma * one_plus if one_plus is not None else gamma.expand(n, c)
+    b = beta - mean * rstd * gamma
+    if one_plus is not None:
+        b = b * one_plus
+    if shift is not None:
+        b = b + shift.double()
+    view = (n, c) + (1,) * len(dims)
+    z = torch.addcmul(b.to(x.dtype).view(view), x, (rstd * k).to(x.dtype).view(view))
+    out = F.silu(z, inplace=inplace) if act else z
+    return out, z, mean, rstd, one_plus
+
+
 class _GroupNormAct(torch.autograd.Function):
     """GroupNorm, optional scale-shift ``z = GN(x) * (1 + scale) + shift`` and optional SiLU, as one
     autograd node. Statistics come from per-channel sums over the spatial positions (reductions that run
@@ -40,26 +65,8 @@ class _GroupNormAct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, shift, groups: int, eps: float, act: bool):
-        n, c = x.shape[:2]
-        dims = tuple(range(2, x.dim()))
-        m = (c // groups) * x[0, 0].numel()
-        s1 = x.sum(dims).double().view(n, groups, -1).sum(-1)
-        s2 = x.square().sum(dims).double().view(n, groups, -1).sum(-1)
-        mean = s1 / m
-        rstd = ((s2 / m - mean * mean).clamp_min(0) + eps).rsqrt()
-        mean, rstd = mean.repeat_interleave(c // groups, 1), rstd.repeat_interleave(c // groups, 1)  # [n, c]
-        gamma, beta = weight.double(), bias.double()
-        one_plus = 1 + scale.double() if scale is not None else None
-        k = gamma * one_plus if one_plus is not None else gamma.expand(n, c)
-        b = beta - mean * rstd * gamma
-        if one_plus is not None:
-            b = b * one_plus
-        if shift is not None:
-            b = b + shift.double()
-        view = (n, c) + (1,) * len(dims)
-        z = torch.addcmul(b.to(x.dtype).view(view), x, (rstd * k).to(x.dtype).view(view))
-        out = F.silu(z) if act else z
-        ctx.save_for_backward(x, z if act else None, mean, rstd, gamma, beta, one_plus)
+        out, z, mean, rstd, one_plus = _group_norm_act(x, weight, bias, scale, shift, groups, eps, act, False)
+        ctx.save_for_backward(x, z if act else None, mean, rstd, weight.double(), bias.double(), one_plus)
         ctx.groups, ctx.act, ctx.has_scale, ctx.has_shift = groups, act, scale is not None, shift is not None
         return out
 
@@ -101,7 +108,9 @@ def group_norm_act(norm: nn.GroupNorm, x: torch.Tensor, scale: torch.Tensor | No
     SiLU). One fused node for float32/float64 on the fast path; the plain modules otherwise (reference
     operations, or bfloat16/float16 under autocast, where GroupNorm32 computes in float32)."""
     if _FAST and x.dtype in (torch.float32, torch.float64) and x.dim() >= 3:
-        return _GroupNormAct.apply(x, norm.weight, norm.bias, scale, shift, norm.num_groups, norm.eps, act)
+        if torch.is_grad_enabled():
+            return _GroupNormAct.apply(x, norm.weight, norm.bias, scale, shift, norm.num_groups, norm.eps, act)
+        return _group_norm_act(x, norm.weight, norm.bias, scale, shift, norm.num_groups, norm.eps, act, True)[0]
     h = norm(x)
     if scale is not None:
         view = scale.shape + (1,) * (x.dim() - 2)
