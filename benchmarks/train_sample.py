@@ -117,17 +117,40 @@ def import_peer():
     return UNetModel, create_gaussian_diffusion, fp16_util.MixedPrecisionTrainer, update_ema
 
 
+@contextlib.contextmanager
+def peer_group_counts():
+    """The peer's GroupNorm always takes 32 groups, which fails below 32 channels (the main job's 16-channel
+    model). While the peer builds, give it the suite's rule (32 groups, or the largest divisor below 32 for
+    narrower layers): the same parameters and FLOPs, and at 32+ channels exactly the peer's own layer."""
+    import guided_diffusion.unet as peer_unet
+    from guided_diffusion.nn import GroupNorm32
+
+    from iddpm_core.models.layers import num_groups
+
+    original = peer_unet.normalization
+    peer_unet.normalization = lambda channels: GroupNorm32(num_groups(channels), channels)
+    try:
+        yield
+    finally:
+        peer_unet.normalization = original
+
+
 def build_peer(cfg: ModelConfig):
     UNetModel, create_gaussian_diffusion, _, _ = import_peer()
-    model = UNetModel(image_size=cfg.image_size, in_channels=cfg.in_channels, model_channels=cfg.base_channels,
-                      out_channels=cfg.out_channels, num_res_blocks=cfg.num_res_blocks,
-                      attention_resolutions=tuple(cfg.image_size // r for r in cfg.attention_resolutions),
-                      dropout=0.0, channel_mult=cfg.resolved_channel_mult(), num_classes=None,
-                      use_checkpoint=False, use_fp16=False, num_heads=cfg.num_heads, num_head_channels=-1,
-                      use_scale_shift_norm=True, resblock_updown=False, use_new_attention_order=False)
+    with peer_group_counts():
+        model = build_peer_unet(UNetModel, cfg)
     diffusion = create_gaussian_diffusion(steps=1000, learn_sigma=True, noise_schedule="cosine",
                                           rescale_timesteps=True, rescale_learned_sigmas=True)
     return model, diffusion
+
+
+def build_peer_unet(UNetModel, cfg: ModelConfig):
+    return UNetModel(image_size=cfg.image_size, in_channels=cfg.in_channels, model_channels=cfg.base_channels,
+                     out_channels=cfg.out_channels, num_res_blocks=cfg.num_res_blocks,
+                     attention_resolutions=tuple(cfg.image_size // r for r in cfg.attention_resolutions),
+                     dropout=0.0, channel_mult=cfg.resolved_channel_mult(), num_classes=None,
+                     use_checkpoint=False, use_fp16=False, num_heads=cfg.num_heads, num_head_channels=-1,
+                     use_scale_shift_norm=True, resblock_updown=False, use_new_attention_order=False)
 
 
 def check_same_network(setup: Setup, peer: torch.nn.Module, suite: torch.nn.Module) -> dict:

@@ -176,8 +176,12 @@ def test_batched_equals_loop(kind, mean_type, var_type):
     a = bound_terms(diff, model, x0, [7, 8, 9], seed=3, batch_size=20)
     b = bound_terms_loop(diff, model, x0, [7, 8, 9], seed=3, batch_size=2)
     assert np.abs(a["total_bpd"] - b["total_bpd"]).max() < 1e-5  # bits/dim
-    for k in ("vb", "xstart_mse", "mse"):  # float32 terms up to ~100: relative
-        np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-6, err_msg=k)
+    np.testing.assert_allclose(a["vb"], b["vb"], rtol=1e-6, atol=1e-6)  # float32 terms up to ~100: relative
+    # The network's float32 outputs differ by ~1e-6 between batch sizes (oneDNN blocks the convolutions
+    # by batch); converting between eps and x0 multiplies that by up to sqrt(1 / abar_t) (487 at t = T-1).
+    amp = np.sqrt(1.0 / diff.alphas_cumprod)
+    for k in ("xstart_mse", "mse"):
+        assert (np.abs(a[k] - b[k]) <= 2e-6 * amp * np.abs(b[k]) + 1e-6).all(), k
     # the noise belongs to (image index, t): another batch size or a subset gives the same numbers
     c = bound_terms(diff, model, x0[1:], [8, 9], seed=3, batch_size=7)
     np.testing.assert_allclose(c["vb"], a["vb"][1:], rtol=1e-6, atol=1e-6)
