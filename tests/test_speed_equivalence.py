@@ -33,8 +33,9 @@ EPS32 = torch.finfo(torch.float32).eps
 
 
 def small_config(**kw) -> ModelConfig:
-    """16x16 RGB, two levels, attention (2 heads) at 8 px and in the middle, learned sigmas."""
-    d = dict(image_size=16, in_channels=3, base_channels=16, channel_mult=(1, 2), attention_resolutions=(8,),
+    """16x16 RGB, two levels, attention (2 heads) at 8 px and in the middle, learned sigmas; 32 base
+    channels, so the fast path runs channels-last with the fused GroupNorm node."""
+    d = dict(image_size=16, in_channels=3, base_channels=32, channel_mult=(1, 2), attention_resolutions=(8,),
              num_heads=2)
     d.update(kw)
     return ModelConfig(**d)
@@ -57,9 +58,10 @@ def assert_float32_close(fast: torch.Tensor, ref32: torch.Tensor, ref64: torch.T
     assert err_fast <= bound, f"{what}: fast path off by {err_fast:.3g}, plain float32 by {err_ref:.3g}"
 
 
-@pytest.mark.parametrize("scale_shift", [True, False])
-def test_unet_forward_and_gradients_match_plain_operations(scale_shift):
-    cfg = small_config(use_scale_shift_norm=scale_shift)
+@pytest.mark.parametrize("scale_shift,width", [(True, 32), (False, 32), (True, 16)])
+def test_unet_forward_and_gradients_match_plain_operations(scale_shift, width):
+    """Width 32: channels-last with the fused GroupNorm node; width 16: contiguous, fused attention only."""
+    cfg = small_config(use_scale_shift_norm=scale_shift, base_channels=width)
     model = perturbed_model(cfg)
     model64 = copy.deepcopy(model).double()
     g = torch.Generator().manual_seed(1)

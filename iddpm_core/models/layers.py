@@ -10,9 +10,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-# Fast paths (default): channels-last activations, attention by F.scaled_dot_product_attention on the
-# token-major layout, GroupNorm + scale-shift + SiLU as one autograd node (group_norm_act). They change
-# float rounding only; ``reference_ops()`` switches them off (tests compare the two).
+# Fast paths (default): attention by F.scaled_dot_product_attention; in models of 32+ base channels
+# channels-last activations with GroupNorm + scale-shift + SiLU as one autograd node (group_norm_act).
+# They change float rounding only; ``reference_ops()`` switches them off (tests compare the two).
 _FAST = True
 
 
@@ -32,82 +32,89 @@ def reference_ops():
         _FAST = old
 
 
+def _spatial_sum(t: torch.Tensor) -> torch.Tensor:
+    """Per-(example, channel) sum over the positions, [N, C] in float64 (accumulated in float32, or in
+    float32 for half types)."""
+    return t.sum(tuple(range(2, t.dim())), dtype=torch.float32 if t.dtype != torch.float64 else None).double()
+
+
 def _group_norm_act(x, weight, bias, scale, shift, groups: int, eps: float, act: bool, inplace: bool):
-    """Forward of :class:`_GroupNormAct`: (output, pre-activation z, per-channel mean and rstd [N, C] and
-    1 + scale, in float64). ``inplace`` applies the SiLU on z itself (when no backward needs z)."""
+    """Forward of :class:`_GroupNormAct`: (output, centred input xc = x - mean, per-channel rstd [N, C]
+    and 1 + scale, float64). The variance and the output come from xc, so nothing cancels where a group's
+    mean is large against its spread. ``inplace`` applies the SiLU on its own input (no backward)."""
     n, c = x.shape[:2]
-    dims = tuple(range(2, x.dim()))
-    m = (c // groups) * x[0, 0].numel()
-    s1 = x.sum(dims).double().view(n, groups, -1).sum(-1)
-    s2 = x.square().sum(dims).double().view(n, groups, -1).sum(-1)
-    mean = s1 / m
-    rstd = ((s2 / m - mean * mean).clamp_min(0) + eps).rsqrt()
-    mean, rstd = mean.repeat_interleave(c // groups, 1), rstd.repeat_interleave(c // groups, 1)  # [n, c]
+    cg = c // groups
+    view = (n, c) + (1,) * (x.dim() - 2)
+    m = cg * x[0, 0].numel()
+    mean = (_spatial_sum(x).view(n, groups, cg).sum(-1) / m).repeat_interleave(cg, 1)  # [n, c]
+    xc = x - mean.to(x.dtype).view(view)
+    var = _spatial_sum(xc.square()).view(n, groups, cg).sum(-1) / m
+    rstd = (var + eps).rsqrt().repeat_interleave(cg, 1)
     gamma, beta = weight.double(), bias.double()
     one_plus = 1 + scale.double() if scale is not None else None
     k = gamma * one_plus if one_plus is not None else gamma.expand(n, c)
-    b = beta - mean * rstd * gamma
-    if one_plus is not None:
-        b = b * one_plus
+    b = beta * one_plus if one_plus is not None else beta.expand(n, c)
     if shift is not None:
         b = b + shift.double()
-    view = (n, c) + (1,) * len(dims)
-    z = torch.addcmul(b.to(x.dtype).view(view), x, (rstd * k).to(x.dtype).view(view))
+    z = torch.addcmul(b.to(x.dtype).view(view), xc, (rstd * k).to(x.dtype).view(view))
     out = F.silu(z, inplace=inplace) if act else z
-    return out, z, mean, rstd, one_plus
+    return out, z, xc, rstd, one_plus
 
 
 class _GroupNormAct(torch.autograd.Function):
     """GroupNorm, optional scale-shift ``z = GN(x) * (1 + scale) + shift`` and optional SiLU, as one
     autograd node. Statistics come from per-channel sums over the spatial positions (reductions that run
-    along memory on channels-last tensors), combined per group in float64; the normalisation, affine and
-    scale-shift fold into one multiply-add per element; the backward is two reductions and two passes."""
+    along memory on channels-last tensors), combined per group in float64; normalisation, affine and
+    scale-shift fold into one multiply-add per element of the centred input, which is kept for the
+    backward: two reductions and two multiply-add passes."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, shift, groups: int, eps: float, act: bool):
-        out, z, mean, rstd, one_plus = _group_norm_act(x, weight, bias, scale, shift, groups, eps, act, False)
-        ctx.save_for_backward(x, z if act else None, mean, rstd, weight.double(), bias.double(), one_plus)
+        out, z, xc, rstd, one_plus = _group_norm_act(x, weight, bias, scale, shift, groups, eps, act, False)
+        ctx.save_for_backward(xc, z if act else None, rstd, weight.double(), bias.double(), one_plus)
         ctx.groups, ctx.act, ctx.has_scale, ctx.has_shift = groups, act, scale is not None, shift is not None
+        ctx.dtypes = (weight.dtype, (scale if scale is not None else shift if shift is not None else x).dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, z, mean, rstd, gamma, beta, one_plus = ctx.saved_tensors
-        n, c = x.shape[:2]
-        dims = tuple(range(2, x.dim()))
-        view = (n, c) + (1,) * len(dims)
+        xc, z, rstd, gamma, beta, one_plus = ctx.saved_tensors
+        n, c = xc.shape[:2]
+        view = (n, c) + (1,) * (xc.dim() - 2)
         g = ctx.groups
-        m = (c // g) * x[0, 0].numel()
+        m = (c // g) * xc[0, 0].numel()
         dz = torch.ops.aten.silu_backward(grad_out, z) if ctx.act else grad_out
-        s_dz = dz.sum(dims).double()                                       # sum dz
-        s_dz_xhat = rstd * ((dz * x).sum(dims).double() - mean * s_dz)    # sum dz * xhat
+        s_dz = _spatial_sum(dz)                          # sum dz
+        s_dz_xhat = rstd * _spatial_sum(dz * xc)         # sum dz * xhat
         ones = one_plus if one_plus is not None else torch.ones_like(s_dz)
         k = gamma * ones
         grad_x = grad_w = grad_b = grad_scale = grad_shift = None
         if ctx.needs_input_grad[0]:
             a = (k * s_dz).view(n, g, -1).sum(-1).repeat_interleave(c // g, 1) / m
             bb = (k * s_dz_xhat).view(n, g, -1).sum(-1).repeat_interleave(c // g, 1) / m
-            # dx = rstd * (k dz - a - xhat * bb) = p dz + q x + r
-            p, q, r = rstd * k, -rstd * rstd * bb, rstd * (rstd * bb * mean - a)
-            grad_x = torch.addcmul(r.to(x.dtype).view(view), x, q.to(x.dtype).view(view))
-            grad_x.addcmul_(dz, p.to(x.dtype).view(view))
+            # dx = rstd * (k dz - a - xhat * bb), xhat = rstd * xc
+            grad_x = torch.addcmul((-rstd * a).to(xc.dtype).view(view), xc,
+                                   (-rstd * rstd * bb).to(xc.dtype).view(view))
+            grad_x.addcmul_(dz, (rstd * k).to(xc.dtype).view(view))
+        w_dtype, e_dtype = ctx.dtypes
         if ctx.needs_input_grad[1]:
-            grad_w = (ones * s_dz_xhat).sum(0).to(x.dtype)
+            grad_w = (ones * s_dz_xhat).sum(0).to(w_dtype)
         if ctx.needs_input_grad[2]:
-            grad_b = (ones * s_dz).sum(0).to(x.dtype)
+            grad_b = (ones * s_dz).sum(0).to(w_dtype)
         if ctx.has_scale and ctx.needs_input_grad[3]:
-            grad_scale = (gamma * s_dz_xhat + beta * s_dz).to(x.dtype)
+            grad_scale = (gamma * s_dz_xhat + beta * s_dz).to(e_dtype)
         if ctx.has_shift and ctx.needs_input_grad[4]:
-            grad_shift = s_dz.to(x.dtype)
+            grad_shift = s_dz.to(e_dtype)
         return grad_x, grad_w, grad_b, grad_scale, grad_shift, None, None, None
 
 
 def group_norm_act(norm: nn.GroupNorm, x: torch.Tensor, scale: torch.Tensor | None = None,
                    shift: torch.Tensor | None = None, act: bool = True) -> torch.Tensor:
     """``SiLU(norm(x) * (1 + scale) + shift)`` (scale, shift: [N, C] or None; ``act=False`` skips the
-    SiLU). One fused node for float32/float64 on the fast path; the plain modules otherwise (reference
-    operations, or bfloat16/float16 under autocast, where GroupNorm32 computes in float32)."""
-    if _FAST and x.dtype in (torch.float32, torch.float64) and x.dim() >= 3:
+    SiLU). On channels-last input (the fast path of wide models), one fused node (for bfloat16/float16
+    input under autocast the statistics are summed in float32, as GroupNorm32 does): torch's own GroupNorm
+    is 2-3x slower on channels-last than on contiguous tensors. Otherwise the plain modules."""
+    if _FAST and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         if torch.is_grad_enabled():
             return _GroupNormAct.apply(x, norm.weight, norm.bias, scale, shift, norm.num_groups, norm.eps, act)
         return _group_norm_act(x, norm.weight, norm.bias, scale, shift, norm.num_groups, norm.eps, act, True)[0]

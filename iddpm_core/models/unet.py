@@ -11,6 +11,9 @@ from .layers import (AttentionBlock, TimeEmbedding, check_input, fast_ops, group
                      zero_module)
 
 
+CHANNELS_LAST_MIN_WIDTH = 32  # base channels from which the fast path runs channels-last
+
+
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv, timestep injection (scale-shift or add), GroupNorm-SiLU-dropout-zero conv, skip."""
 
@@ -139,8 +142,11 @@ class UNetModel(nn.Module):
         check_input(x, self.config.in_channels, self.levels)
         emb = self.time_embed(t, y, x.shape[0])
         hs = []
-        # channels-last activations: oneDNN's convolutions and the attention's token layout need no reorders
-        h = x.contiguous(memory_format=torch.channels_last) if fast_ops() else x
+        # channels-last activations: oneDNN's convolutions and the attention's token layout need no reorders.
+        # Only for 32+ base channels: narrower convolutions ran slower channels-last on this CPU (16 channels,
+        # 28 px: 7% slower), and the contiguous layout keeps torch's fast GroupNorm.
+        wide = self.config.base_channels >= CHANNELS_LAST_MIN_WIDTH
+        h = x.contiguous(memory_format=torch.channels_last) if fast_ops() and wide else x
         for block in self.input_blocks:
             h = block(h, emb)
             hs.append(h)
