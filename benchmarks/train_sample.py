@@ -35,6 +35,43 @@ Each row holds wall-clock medians and, as the machine is shared, the process CPU
 CPU-time medians, ``best_ratio`` of each side's fastest repeat (the least disturbed one). With ``--precision bf16`` the suite side runs under bfloat16 autocast (the peer stays
 fp32), which measures what the ``--precision bf16`` option of the trainer and sampler buys.
 
+Notes (2026-12-02; 2-core Xeon with AVX-512 BF16, no AMX; shared with ~6 jobs, load average 5-10 in
+every run, so the lead reruns this on a quiet machine; ``--threads 1`` was used here, as 2-thread runs
+under that load measured mostly the other jobs).
+
+Profile before (torch.profiler, reference config, batch 32, the previous code = ``reference_ops()``):
+  sampling step: convolutions 47%, softmax of the explicit attention 18% and its two bmm 6% (a
+  32 x 4 x 256 x 256 weight matrix at 16 px), GroupNorm 6%, SiLU 4%, other elementwise 8%, cat 3%;
+  training step: convolution backward 32% and forward 9%, attention (bmm, softmax and its backward) 14%,
+  GroupNorm forward and backward 4%, copies 5%, the per-tensor AdamW loop (118 tensors) 13 ms per step.
+  The diffusion maths (q_sample, posterior, KL, decoder terms) are below 1% of either step.
+Prediction: the CPU flash-attention kernel removes most of the attention's 24% of sampling and ~10% of
+  training; channels-last activations make oneDNN's convolutions ~20% faster but torch's GroupNorm is
+  2-3x slower on that layout (measured alone: 2.5 vs 0.4 ms forward at 32x64x16x16), so GroupNorm +
+  scale-shift + SiLU become one node written for channels-last; fused AdamW ~3x faster than the loop.
+  Expected: sampling ~1.6x, training ~1.45x (the convolution backward gains least).
+Profile after: sampling: convolutions 45%, attention 10%, the GroupNorm node ~20% (sums, one multiply-add,
+  SiLU), linear 5%, cat 2.5%; training: convolution backward 34% and forward 15%, attention forward and
+  backward 12%, the GroupNorm node ~20%.
+Measured in isolation (1 thread, CPU time, medians, interleaved): forward 235 vs 353 ms (1.50x) and
+  forward+backward 728 vs 1031 ms (1.42x) against the previous code, whose times equal the peer's; the
+  AdamW step 4.3 vs 12.9 ms; a p_sample step 330 vs 559 ms against the peer (1.69x; 1.56x after 3 training
+  steps). The rows of results/benchmarks/train_sample.csv, measured at load 7-10, scatter more (see there).
+Narrow models: at 16 base channels (the main job's Fashion-MNIST model) channels-last convolutions were
+  ~7% slower than contiguous ones and the GroupNorm node lost to torch's contiguous GroupNorm, so models
+  below 32 base channels keep the contiguous layout; only the attention kernel, fused AdamW and the
+  list-wise EMA apply there (forward 99 vs 106 ms, forward+backward equal): about the peer's speed.
+torch.compile (inductor, default mode, reference config): compiling took 538 s wall (64 s CPU in this
+  process) for the training graph and 257 s for the sampling graph on the loaded machine, for steps 9%
+  (training) and 6% (sampling) faster than the eager fast path: it does not pay on the main job's few
+  minutes of training, so it is not used.
+bf16 autocast (``--precision bf16``): on this CPU oneDNN runs brgemm avx512_core_bf16 convolutions, but
+  the per-call weight casts and reorders cost more than they save at these widths: reference config
+  forward 408 vs 298 ms, forward+backward 1357 vs 909 ms (0.73x and 0.67x of fp32); outputs within 0.3%
+  (relative L2) of fp32. Loss curve (main-job model, Fashion-MNIST, 200 steps, same seeds): the 10-step
+  mean losses stay within 1.1% of fp32 (last 50 steps: 0.1312 vs 0.1318), at 0.83x fp32's speed.
+  FID under bf16 was not measured. Kept as an option, off by default.
+
 Usage: python benchmarks/train_sample.py [--quick] [--repeats 9] [--threads 2] [--precision fp32|bf16]
        [--configs reference,fashion-mnist] [--out results/benchmarks/train_sample.csv]
 ``--quick`` runs 3 repeats of the reference configuration only and writes nothing unless ``--out`` is given.

@@ -56,7 +56,11 @@ def _group_norm_act(x, weight, bias, scale, shift, groups: int, eps: float, act:
     b = beta * one_plus if one_plus is not None else beta.expand(n, c)
     if shift is not None:
         b = b + shift.double()
-    z = torch.addcmul(b.to(x.dtype).view(view), xc, (rstd * k).to(x.dtype).view(view))
+    a = (rstd * k).to(x.dtype).view(view)
+    if inplace:  # no backward: normalise in place of the centred copy, one buffer for the whole node
+        z = xc.mul_(a).add_(b.to(x.dtype).view(view))
+        return (F.silu(z, inplace=True) if act else z), None, None, rstd, one_plus
+    z = torch.addcmul(b.to(x.dtype).view(view), xc, a)
     out = F.silu(z, inplace=inplace) if act else z
     return out, z, xc, rstd, one_plus
 
