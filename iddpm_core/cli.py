@@ -114,7 +114,8 @@ def train_main():
 @click.option("--sample-steps", default="50", show_default=True, help="Grid sampler steps; 'ddimK' for DDIM.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-              help="bf16: the network under bfloat16 autocast (faster on CPUs with AMX or AVX-512 BF16).")
+              help="bf16: the network under bfloat16 autocast (off by default: it was slower than fp32 on an "
+                   "AVX-512-BF16 CPU without AMX; see benchmarks/train_sample.py).")
 @click.pass_context
 def run(ctx, config_file, out_dir, resume, progress, **flags):
     """Train a model (single process, or under torchrun for several)."""
@@ -184,7 +185,8 @@ def run(ctx, config_file, out_dir, resume, progress, **flags):
 @click.option("--ema", "ema", default=None, help="EMA rate to use (default: the run's first), or 'raw'.")
 @click.option("--device", default=None, help="Default: cuda when present, else cpu.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-              help="bf16: the network under bfloat16 autocast (faster on CPUs with AMX or AVX-512 BF16).")
+              help="bf16: the network under bfloat16 autocast (off by default: it was slower than fp32 on an "
+                   "AVX-512-BF16 CPU without AMX; see benchmarks/train_sample.py).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def sample_main(checkpoint, num, steps, sampler, eta, out_dir, batch_size, seed, quantize, ema, device, precision,
                 progress):

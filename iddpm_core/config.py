@@ -90,7 +90,8 @@ class TrainConfig:
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.log_interval >= 1, f"log_interval must be >= 1, got {self.log_interval}")
         need(self.sample_num >= 1, f"sample_num must be >= 1, got {self.sample_num}")
-        need(self.precision in ("fp32", "bf16"), f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        from iddpm_core.precision import PRECISIONS
+        need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

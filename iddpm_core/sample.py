@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from iddpm_core import distributed as dist_utils
 from iddpm_core.io import atomic_path, file_sha256, save_npz, write_text
-from iddpm_core.precision import check_precision
+from iddpm_core.precision import check_precision, with_precision
 
 SAMPLERS = ("ddpm", "ddim")
 QUANTIZE = ("round", "truncate")
@@ -145,7 +145,6 @@ def sample_shard(sm: SamplingModel, diffusion, n: int, seed: int, shard: int, sa
                  ) -> tuple[np.ndarray, np.ndarray | None]:
     """Images of shard ``shard`` (n of them) as uint8 NHWC, with labels for class-conditional models."""
     from iddpm_core.diffusion import ddim_sample_loop, p_sample_loop
-    from iddpm_core.precision import with_precision
 
     size, channels, num_classes = _model_dims(sm)
     device = next(sm.model.parameters()).device
