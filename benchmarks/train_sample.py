@@ -56,7 +56,11 @@ Profile after: sampling: convolutions 45%, attention 10%, the GroupNorm node ~20
 Measured in isolation (1 thread, CPU time, medians, interleaved): forward 235 vs 353 ms (1.50x) and
   forward+backward 728 vs 1031 ms (1.42x) against the previous code, whose times equal the peer's; the
   AdamW step 4.3 vs 12.9 ms; a p_sample step 330 vs 559 ms against the peer (1.69x; 1.56x after 3 training
-  steps). The rows of results/benchmarks/train_sample.csv, measured at load 7-10, scatter more (see there).
+  steps). Whole-step ratios from this script at load 5-10 (CPU time, 1 thread, 5-7 repeats) scattered:
+  training 1.47x, 1.49x, 1.52x, 1.36x; p_sample 1.50x, 1.16x, 1.16x, 1.46x; DDIM 1.48x, 1.19x, 1.14x.
+  The peer's sampling step varied most (350 to 560 ms CPU for the same work): its 32 x 4 x 256 x 256
+  attention matrix makes it memory-bound, so its speed follows the other jobs' memory traffic. The
+  committed CSV is the last complete run (training 1.52x, sampling 1.16x); a quiet rerun decides.
 Narrow models: at 16 base channels (the main job's Fashion-MNIST model) channels-last convolutions were
   ~7% slower than contiguous ones and the GroupNorm node lost to torch's contiguous GroupNorm, so models
   below 32 base channels keep the contiguous layout; only the attention kernel, fused AdamW and the
@@ -69,7 +73,8 @@ bf16 autocast (``--precision bf16``): on this CPU oneDNN runs brgemm avx512_core
   the per-call weight casts and reorders cost more than they save at these widths: reference config
   forward 408 vs 298 ms, forward+backward 1357 vs 909 ms (0.73x and 0.67x of fp32); outputs within 0.3%
   (relative L2) of fp32. Loss curve (main-job model, Fashion-MNIST, 200 steps, same seeds): the 10-step
-  mean losses stay within 1.1% of fp32 (last 50 steps: 0.1312 vs 0.1318), at 0.83x fp32's speed.
+  mean losses stay within 1.1% of fp32 (last 50 steps: 0.1312 vs 0.1318), at 0.68x fp32's speed
+  (0.466 vs 0.318 CPU seconds per step).
   FID under bf16 was not measured. Kept as an option, off by default.
 
 Usage: python benchmarks/train_sample.py [--quick] [--repeats 9] [--threads 2] [--precision fp32|bf16]
