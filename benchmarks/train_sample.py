@@ -86,7 +86,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import csv
 import io
 import os
