@@ -66,7 +66,7 @@ FLAGS = {
     "steps": ("train", "steps", int), "log_interval": ("train", "log_interval", int),
     "sample_interval": ("train", "sample_interval", int), "save_interval": ("train", "save_interval", int),
     "sample_num": ("train", "sample_num", int), "sample_steps": ("train", "sample_steps", str),
-    "device": ("train", "device", str),
+    "device": ("train", "device", str), "precision": ("train", "precision", str),
 }
 
 
@@ -129,6 +129,9 @@ def train_main():
 @click.option("--sample-num", type=int, default=64, show_default=True)
 @click.option("--sample-steps", default="50", show_default=True, help="Grid sampler steps; 'ddimK' for DDIM.")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="bf16: the network under bfloat16 autocast (off by default: it was slower than fp32 on an "
+                   "AVX-512-BF16 CPU without AMX; see benchmarks/train_sample.py).")
 @click.pass_context
 def run(ctx, config_file, out_dir, resume, progress, **flags):
     """Train a model (single process, or under torchrun for several)."""
@@ -202,8 +205,12 @@ def run(ctx, config_file, out_dir, resume, progress, **flags):
 @click.option("--quantize", type=click.Choice(["round", "truncate"]), default="round", show_default=True)
 @click.option("--ema", "ema", default=None, help="EMA rate to use (default: the run's first), or 'raw'.")
 @click.option("--device", default=None, help="Default: cuda when present, else cpu.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="bf16: the network under bfloat16 autocast (off by default: it was slower than fp32 on an "
+                   "AVX-512-BF16 CPU without AMX; see benchmarks/train_sample.py).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def sample_main(checkpoint, num, steps, sampler, eta, out_dir, batch_size, seed, quantize, ema, device, progress):
+def sample_main(checkpoint, num, steps, sampler, eta, out_dir, batch_size, seed, quantize, ema, device, precision,
+                progress):
     """Sample images from a checkpoint into OUT/shards/*.npz, OUT/samples.npz and OUT/grid.png.
 
     A rerun into the same folder makes only the missing shards. Under torchrun the shards are
@@ -218,7 +225,7 @@ def sample_main(checkpoint, num, steps, sampler, eta, out_dir, batch_size, seed,
     try:
         summary = sample_to_dir(checkpoint, out_dir, num, steps, sampler=sampler, eta=eta, seed=seed,
                                 batch_size=batch_size, quantize=quantize, ema_rate=ema, device=device,
-                                progress=progress)
+                                progress=progress, precision=precision)
     except (ValueError, FileNotFoundError) as exc:
         raise click.UsageError(str(exc)) from exc
     import os

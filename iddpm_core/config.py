@@ -63,6 +63,7 @@ class TrainConfig:
     sample_num: int = 64                 # images in the grid
     sample_steps: str = "50"             # respacing of the grid's sampler; "ddimK" samples with DDIM
     device: str = "auto"                 # "auto" (cuda if present), "cpu", "cuda", "cuda:1", ...
+    precision: str = "fp32"              # "bf16": the model's forward under bfloat16 autocast
 
     def __post_init__(self):
         self.ema_rates = tuple(float(r) for r in (self.ema_rates if isinstance(self.ema_rates, (list, tuple))
@@ -93,6 +94,8 @@ class TrainConfig:
         k = spec[4:] if spec.startswith("ddim") else spec
         need(spec == "" or (k.isdigit() and int(k) >= 1),
              f"sample_steps must be '' (the full chain), K or 'ddimK' with K >= 1, got {self.sample_steps!r}")
+        from iddpm_core.precision import PRECISIONS
+        need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -40,15 +40,18 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         current = model.state_dict()
+        floats = [k for k, v in current.items() if v.is_floating_point()]
+        values = [current[k].detach() for k in floats]
         for r in self.rates:
             shadow = self.shadows[rate_key(r)]
             eff = self.effective_rate(r)
+            # the same two roundings per element as s.mul_(eff).add_(v, alpha=1 - eff), one call per list
+            targets = [shadow[k] for k in floats]
+            torch._foreach_mul_(targets, eff)
+            torch._foreach_add_(targets, values, alpha=1.0 - eff)
             for k, v in current.items():
-                s = shadow[k]
-                if s.is_floating_point():
-                    s.mul_(eff).add_(v.detach(), alpha=1.0 - eff)
-                else:
-                    s.copy_(v)
+                if not v.is_floating_point():
+                    shadow[k].copy_(v)
         self.num_updates += 1
 
     def state_dict_for(self, rate) -> dict:

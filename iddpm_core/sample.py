@@ -12,6 +12,7 @@ Quantisation to uint8: ``"round"`` = ``((x + 1) * 127.5).round().clamp(0, 255)``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 
 from iddpm_core import distributed as dist_utils
 from iddpm_core.io import atomic_path, check_writable, file_sha256, save_npz, write_text
+from iddpm_core.precision import check_precision, with_precision
 
 SAMPLERS = ("ddpm", "ddim")
 QUANTIZE = ("round", "truncate")
@@ -74,6 +76,7 @@ class SamplingModel:
     step: int | None = None
     path: str | None = None
     info: dict = field(default_factory=dict)
+    precision: str = "fp32"             # "bf16": the forward passes under bfloat16 autocast
 
 
 def load_for_sampling(path: str | os.PathLike, ema_rate: float | str | None = None,
@@ -143,6 +146,7 @@ def sample_shard(sm: SamplingModel, diffusion, n: int, seed: int, shard: int, sa
 
     size, channels, num_classes = _model_dims(sm)
     device = next(sm.model.parameters()).device
+    net = with_precision(sm.model, sm.precision, device.type)
     g = torch.Generator().manual_seed(seed_from(seed, shard))
     kwargs, labels = {}, None
     if num_classes:
@@ -154,10 +158,10 @@ def sample_shard(sm: SamplingModel, diffusion, n: int, seed: int, shard: int, sa
     try:
         shape = (n, channels, size, size)
         if sampler == "ddim":
-            x = ddim_sample_loop(diffusion, sm.model, shape, generator=g, model_kwargs=kwargs, eta=eta,
+            x = ddim_sample_loop(diffusion, net, shape, generator=g, model_kwargs=kwargs, eta=eta,
                                  device=device, progress=progress)
         elif sampler == "ddpm":
-            x = p_sample_loop(diffusion, sm.model, shape, generator=g, model_kwargs=kwargs, device=device,
+            x = p_sample_loop(diffusion, net, shape, generator=g, model_kwargs=kwargs, device=device,
                               progress=progress)
         else:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -169,10 +173,11 @@ def sample_shard(sm: SamplingModel, diffusion, n: int, seed: int, shard: int, sa
 def sample_images(checkpoint_or_model, num: int, steps: int | None, sampler: str = "ddpm", eta: float = 0.0,
                   seed: int = 0, batch_size: int = 64, progress: bool = True, *, diffusion_config=None,
                   ema_rate: float | str | None = None, quantize: str = "round", device=None,
-                  return_labels: bool = False):
+                  return_labels: bool = False, precision: str | None = None):
     """Draw ``num`` images as uint8 NHWC from a checkpoint path (EMA weights by default), a
     :class:`SamplingModel`, or a model (then ``diffusion_config`` is required). ``steps``: sampling
-    steps (respaced chain; None = the full chain). With ``return_labels`` returns (images, labels)."""
+    steps (respaced chain; None = the full chain). With ``return_labels`` returns (images, labels).
+    ``precision`` ("fp32" or "bf16") overrides the SamplingModel's."""
     from iddpm_core.diffusion import build_diffusion
 
     if num < 1 or batch_size < 1:
@@ -180,6 +185,8 @@ def sample_images(checkpoint_or_model, num: int, steps: int | None, sampler: str
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
     sm = _resolve(checkpoint_or_model, diffusion_config, ema_rate, device)
+    if precision is not None:
+        sm = dataclasses.replace(sm, precision=check_precision(precision))
     diffusion = build_diffusion(sm.diffusion_config, respacing_for(steps, sampler, sm.diffusion_config.steps))
     images, labels = [], []
     shards = math.ceil(num / batch_size)
@@ -249,7 +256,8 @@ def _shard_ok(path: Path, n: int, shape: tuple, has_labels: bool) -> bool:
 def sample_to_dir(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, num: int, steps: int | None,
                   sampler: str = "ddpm", eta: float = 0.0, seed: int = 0, batch_size: int = 64,
                   quantize: str = "round", ema_rate: float | str | None = None, device=None,
-                  progress: bool = True, on_shard: Callable[[int, Path], None] | None = None) -> dict:
+                  progress: bool = True, on_shard: Callable[[int, Path], None] | None = None,
+                  precision: str = "fp32") -> dict:
     """Sample ``num`` images from ``checkpoint`` into ``out_dir``:
 
     - ``shards/shard_KKKKKK.npz`` (``arr_0`` uint8 NHWC, ``arr_1`` labels when class-conditional),
@@ -259,7 +267,8 @@ def sample_to_dir(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, num
 
     Under torchrun the missing shards are dealt round-robin to the processes; rank 0 merges.
     ``settings.json`` records the settings; a rerun with other settings into the same folder is
-    refused. ``on_shard(k, path)`` is called after each shard this process writes.
+    refused. ``on_shard(k, path)`` is called after each shard this process writes. ``precision``
+    "bf16" runs the network under bfloat16 autocast (recorded in the settings).
     """
     if num < 1 or batch_size < 1:
         raise ValueError(f"--num and --batch-size must be >= 1, got {num}, {batch_size}")
@@ -269,23 +278,25 @@ def sample_to_dir(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, num
         raise ValueError(f"--sampler must be one of {SAMPLERS}, got {sampler!r}")
     if sampler == "ddpm" and eta != 0.0:
         raise ValueError("--eta applies to the ddim sampler only")
+    check_precision(precision)
     check_writable(out_dir, folder=True, what="output folder")  # before loading or sampling anything
     dev = dist_utils.pick_device("auto" if device is None else str(device))
     created = dist_utils.init_from_env(dev)
     try:
         return _sample_to_dir(Path(checkpoint), Path(out_dir), num, steps, sampler, float(eta), int(seed),
-                              int(batch_size), quantize, ema_rate, dev, progress, on_shard)
+                              int(batch_size), quantize, ema_rate, dev, progress, on_shard, precision)
     finally:
         if created:
             dist_utils.cleanup()
 
 
 def _sample_to_dir(checkpoint, out, num, steps, sampler, eta, seed, batch_size, quantize_mode, ema_rate, dev,
-                   progress, on_shard) -> dict:
+                   progress, on_shard, precision="fp32") -> dict:
     from iddpm_core.diffusion import build_diffusion
 
     rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
     sm = load_for_sampling(checkpoint, ema_rate=ema_rate, device=dev)
+    sm.precision = precision
     size, channels, num_classes = _model_dims(sm)
     respacing = respacing_for(steps, sampler, sm.diffusion_config.steps)
     settings = {"checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": file_sha256(checkpoint),
@@ -293,6 +304,8 @@ def _sample_to_dir(checkpoint, out, num, steps, sampler, eta, seed, batch_size, 
                 "respacing": respacing, "sampler": sampler, "eta": eta, "seed": seed, "shard_size": batch_size,
                 "quantize": quantize_mode, "clip_denoised": True,
                 "image_shape": [size, size, channels], "class_conditional": bool(num_classes)}
+    if precision != "fp32":  # recorded only when not the default, so earlier fp32 folders still resume
+        settings["precision"] = precision
     settings_path = out / "settings.json"
     error = None
     if rank == 0:

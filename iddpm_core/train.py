@@ -52,7 +52,7 @@ CSV_COLUMNS = ("step", "images_seen", "train_flops", "loss", "mse", "vb", "loss_
                "loss_q3", "grad_norm", "lr", "images_per_sec", "wall_time")
 # Train-config fields that may change when a run is resumed; the others must match the checkpoint.
 RESUMABLE_FIELDS = ("steps", "log_interval", "sample_interval", "save_interval", "sample_num", "sample_steps",
-                    "device")
+                    "device", "precision")
 LATEST = "latest.pt"
 
 
@@ -162,6 +162,62 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return repr(v)
     return str(v)
+
+
+# ----------------------------------------------------------------------------- one optimiser step
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over ``model``'s parameters; its fused kernel (one pass per tensor) where torch has one for
+    the parameters' device, which gives the same update as the per-tensor loop up to float rounding."""
+    params = list(model.parameters())
+    try:
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def forward_backward(model, diffusion, x, t, w, noise, y, microbatch: int, acc: torch.Tensor,
+                     has_terms: set, precision: str = "fp32") -> list[torch.Tensor]:
+    """Zero the gradients, then forward and backward over micro-batches of ``microbatch`` examples:
+    each micro-batch's importance-weighted loss summed and divided by the batch size, so gradients sum
+    to the batch mean. Adds the weighted loss/mse/vb sums, the example count and the quarter statistics
+    to ``acc`` (no host sync) and returns the per-example losses of each micro-batch. ``precision``
+    "bf16" runs the model's forward under bfloat16 autocast (losses stay float32)."""
+    from iddpm_core.precision import with_precision
+
+    B, T = x.shape[0], diffusion.num_timesteps
+    model.zero_grad(set_to_none=True)
+    net = with_precision(model, precision, x.device.type)
+    local_losses = []
+    for i in range(0, B, microbatch):
+        j = slice(i, min(i + microbatch, B))
+        kwargs = {"y": y[j]} if y is not None else None
+        terms = diffusion.training_losses(net, x[j], t[j], noise=noise[j], model_kwargs=kwargs)
+        ((terms["loss"] * w[j]).sum() / B).backward()
+        local_losses.append(terms["loss"].detach())
+        with torch.no_grad():
+            wj = w[j].double()
+            for n, key in enumerate(("loss", "mse", "vb")):
+                if key in terms:
+                    has_terms.add(key)
+                    acc[n] += (terms[key].detach().double() * wj).sum()
+            acc[3] += j.stop - j.start
+            acc[4:12] += _quarter_stats(t[j], terms["loss"], T)
+    return local_losses
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: EMA,
+                   grad_clip: float) -> torch.Tensor:
+    """Global gradient norm (returned, a 0-d tensor), clipping to ``grad_clip`` when > 0, the optimiser
+    step and the EMA update."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if grad_clip > 0 or not hasattr(torch.nn.utils, "get_total_norm"):
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    else:  # the norm only: scaling every gradient by 1 would be a wasted pass
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    optimizer.step()
+    ema.update(model)
+    return grad_norm
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -328,7 +384,7 @@ def _train(run_config, out: Path, resume, callback, progress, device) -> dict:
     flops_per_image = int(training_flops_per_image(copy.deepcopy(model)))
     n_params = count_parameters(model)
     dist_utils.broadcast_module(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    optimizer = build_optimizer(model, tcfg)
     ema = EMA(model, tcfg.ema_rates, warmup=tcfg.ema_warmup)
     sampler = create_sampler(tcfg.timestep_sampler, T)
     learns_from_losses = isinstance(sampler, LossSecondMomentSampler)
@@ -394,7 +450,7 @@ def _train(run_config, out: Path, resume, callback, progress, device) -> dict:
         spec = tcfg.sample_steps
         sampler_name = "ddim" if spec.startswith("ddim") else "ddpm"
         k = int(spec[4:]) if sampler_name == "ddim" else (int(spec) if spec else None)
-        sm = SamplingModel(src_model, mcfg, dcfg)
+        sm = SamplingModel(src_model, mcfg, dcfg, precision=tcfg.precision)
         imgs = sample_images(sm, tcfg.sample_num, k, sampler=sampler_name, seed=tcfg.seed,
                              batch_size=tcfg.sample_num, progress=False)
         save_png(out / "samples" / f"step_{step_done:06d}.png", make_grid(imgs), scale=grid_scale(size))
@@ -427,31 +483,14 @@ def _train(run_config, out: Path, resume, callback, progress, device) -> dict:
         # ---- forward/backward over micro-batches; gradients sum to the batch mean
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, tcfg)
-        optimizer.zero_grad(set_to_none=True)
-        local_losses = []
-        for i in range(0, B, mb):
-            j = slice(i, min(i + mb, B))
-            kwargs = {"y": y[j]} if y is not None else None
-            terms = diffusion.training_losses(model, x[j], t[j], noise=noise[j], model_kwargs=kwargs)
-            ((terms["loss"] * w[j]).sum() / B).backward()
-            local_losses.append(terms["loss"].detach())
-            with torch.no_grad():
-                wj = w[j].double()
-                for n, key in enumerate(("loss", "mse", "vb")):
-                    if key in terms:
-                        has_terms.add(key)
-                        acc[n] += (terms[key].detach().double() * wj).sum()
-                acc[3] += j.stop - j.start
-                acc[4:12] += _quarter_stats(t[j], terms["loss"], T)
+        local_losses = forward_backward(model, diffusion, x, t, w, noise, y, mb, acc, has_terms,
+                                        tcfg.precision)
         dist_utils.average_gradients(model.parameters())
         if learns_from_losses:
             sampler.update_with_local_losses(t, torch.cat(local_losses))
-        max_norm = tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        grad_norm = optimizer_step(model, optimizer, ema, tcfg.grad_clip)
         acc[12] += grad_norm.double()
         acc[13] += 1
-        optimizer.step()
-        ema.update(model)
         step += 1
         images_seen += G
         train_flops += flops_per_image * G

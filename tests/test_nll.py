@@ -177,16 +177,17 @@ def test_batched_equals_loop(kind, mean_type, var_type):
     b = bound_terms_loop(diff, model, x0, [7, 8, 9], seed=3, batch_size=2)
     assert np.abs(a["total_bpd"] - b["total_bpd"]).max() < 1e-5  # bits/dim
     # float32 terms up to ~100: relative. The two paths run the network on batches of different
-    # composition, so oneDNN may pick other kernels and summation orders: the network output agrees
-    # to ~1e-6 relative, not bit for bit (which kernels differ depends on the CPU). The KL terms see
-    # that error unamplified. An x0 predicted from an epsilon output, x0 = x_t / sqrt(abar) -
-    # sqrt(1/abar - 1) eps, carries it multiplied by sqrt(1/abar_t - 1) (487 at t = T-1 here), and
-    # so do xstart_mse and, for mean types other than epsilon, mse: scale their tolerance per t.
+    # composition, so oneDNN may pick other kernels and summation orders (it blocks convolutions by
+    # batch): the network output agrees to ~1e-6 relative (2e-6 with the fused attention), not bit for
+    # bit, and which kernels differ depends on the CPU. The KL terms see that error unamplified. An x0
+    # predicted from an epsilon output, x0 = x_t / sqrt(abar) - sqrt(1/abar - 1) eps, carries it
+    # multiplied by up to sqrt(1/abar_t) (487 at t = T-1 here), and so do xstart_mse and, for mean
+    # types other than epsilon, mse: scale their tolerance per t.
     np.testing.assert_allclose(a["vb"], b["vb"], rtol=1e-6, atol=1e-6, err_msg="vb")
-    amp = np.maximum(1.0, np.sqrt(1.0 / diff.alphas_cumprod - 1.0))[None, :]
+    amp = np.sqrt(1.0 / diff.alphas_cumprod)[None, :]
     for k in ("xstart_mse", "mse"):
         scale = amp if (k == "xstart_mse" or mean_type != "epsilon") else 1.0
-        assert (np.abs(a[k] - b[k]) <= 1e-6 * scale * (np.abs(b[k]) + 1.0)).all(), k
+        assert (np.abs(a[k] - b[k]) <= 2e-6 * scale * (np.abs(b[k]) + 1.0)).all(), k
     # the noise belongs to (image index, t): another batch size or a subset gives the same numbers
     c = bound_terms(diff, model, x0[1:], [8, 9], seed=3, batch_size=7)
     np.testing.assert_allclose(c["vb"], a["vb"][1:], rtol=1e-6, atol=1e-6)

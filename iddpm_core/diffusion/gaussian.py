@@ -90,6 +90,7 @@ class GaussianDiffusion:
             self.alphas_cumprod = given.copy()
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
+        self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
         self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
         self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
@@ -113,9 +114,19 @@ class GaussianDiffusion:
     def learns_sigma(self) -> bool:
         return self.var_type in LEARNED_VARS
 
+    def _table(self, arr: np.ndarray, device: torch.device) -> torch.Tensor:
+        """``arr`` as a float64 tensor on ``device``, copied there once: the sampling loops then index
+        it on the device every step without a host-to-device copy (a synchronisation on accelerators)."""
+        tables = self.__dict__.setdefault("_tables", {})
+        key = (id(arr), str(device))
+        hit = tables.get(key)
+        if hit is None or hit[0] is not arr:  # the array is held, so its id cannot be reused meanwhile
+            hit = tables[key] = (arr, torch.from_numpy(arr).to(device))
+        return hit[1]
+
     def _extract(self, arr: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """arr[t] as ``like``'s dtype and device, shaped [N, 1, 1, ...] to broadcast against ``like``."""
-        vals = torch.from_numpy(arr).to(t.device)[t].to(dtype=like.dtype, device=like.device)
+        vals = self._table(arr, t.device)[t].to(dtype=like.dtype, device=like.device)
         return vals.reshape(vals.shape + (1,) * (like.ndim - vals.ndim))
 
     def _check_t(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -131,7 +142,7 @@ class GaussianDiffusion:
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """The float timestep the model sees: original index (times 1000/T_original if rescaled)."""
-        mapped = torch.from_numpy(self.timestep_map).to(t.device)[t.long()].float()
+        mapped = self._table(self.timestep_map, t.device)[t.long()].float()
         if self.rescale_timesteps:
             mapped = mapped * (1000.0 / self.original_num_steps)
         return mapped
@@ -149,7 +160,7 @@ class GaussianDiffusion:
         """Mean, variance and log-variance of q(x_t | x_0)."""
         t = self._check_t(t, x_start)
         mean = self._extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
-        variance = self._extract(1.0 - self.alphas_cumprod, t, x_start)
+        variance = self._extract(self.one_minus_alphas_cumprod, t, x_start)
         log_variance = self._extract(self.log_one_minus_alphas_cumprod, t, x_start)
         return mean, variance, log_variance
 

@@ -9,7 +9,33 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
+
+
+def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    # FlopCounterMode passes shapes in place of tensors
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def _cpu_sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    # the gradients of the two matmuls (two matmuls each); the kernel's recomputation of the scores is
+    # an implementation detail left out, so training FLOPs stay those of the explicit attention
+    return 2 * flop_counter.sdpa_flop_count(query, key, value)
+
+
+# FlopCounterMode knows the CUDA attention kernels but not the CPU one: count it as the explicit
+# attention (two matmuls, 2 FLOPs per multiply-add), so the fast path counts as the reference one.
+_CUSTOM = {}
+if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+    _CUSTOM[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_sdpa_flops
+if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
+    _CUSTOM[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward] = _cpu_sdpa_backward_flops
+
+
+def flop_counter_mode() -> FlopCounterMode:
+    """A silent FlopCounterMode that also counts the CPU attention kernel."""
+    return FlopCounterMode(display=False, custom_mapping=_CUSTOM)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -41,7 +67,7 @@ def forward_flops(model: nn.Module, image_size: int | None = None, in_channels: 
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), flop_counter_mode() as counter:
             model(x, t, y)
     finally:
         model.train(was_training)
@@ -59,7 +85,7 @@ def training_flops_per_image(model: nn.Module, image_size: int | None = None, in
     was_training = model.training
     model.train()
     try:
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter_mode() as counter:
             out = model(x, t, y)
             out.float().square().mean().backward()
     finally:

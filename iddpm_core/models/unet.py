@@ -7,7 +7,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .layers import AttentionBlock, TimeEmbedding, check_input, normalization, zero_module
+from .layers import (AttentionBlock, TimeEmbedding, check_input, fast_ops, group_norm_act, normalization,
+                     zero_module)
+
+
+CHANNELS_LAST_MIN_WIDTH = 32  # base channels from which the fast path runs channels-last
 
 
 class ResBlock(nn.Module):
@@ -26,6 +30,20 @@ class ResBlock(nn.Module):
         self.skip = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if not fast_ops():
+            return self._forward_reference(x, emb)
+        norm, _, conv = self.in_layers
+        h = conv(group_norm_act(norm, x))
+        e = self.emb_layers(emb).type(h.dtype)
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = group_norm_act(self.out_norm, h, scale, shift)
+        else:
+            h = group_norm_act(self.out_norm, h + e[:, :, None, None])
+        _, dropout, conv = self.out_layers
+        return self.skip(x) + conv(dropout(h))
+
+    def _forward_reference(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.in_layers(x)
         e = self.emb_layers(emb).type(h.dtype)[:, :, None, None]
         if self.scale_shift:
@@ -124,11 +142,18 @@ class UNetModel(nn.Module):
         check_input(x, self.config.in_channels, self.levels)
         emb = self.time_embed(t, y, x.shape[0])
         hs = []
-        h = x
+        # channels-last activations: oneDNN's convolutions and the attention's token layout need no reorders.
+        # Only for 32+ base channels: narrower convolutions ran slower channels-last on this CPU (16 channels,
+        # 28 px: 7% slower), and the contiguous layout keeps torch's fast GroupNorm.
+        wide = self.config.base_channels >= CHANNELS_LAST_MIN_WIDTH
+        h = x.contiguous(memory_format=torch.channels_last) if fast_ops() and wide else x
         for block in self.input_blocks:
             h = block(h, emb)
             hs.append(h)
         h = self.middle_block(h, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, hs.pop()], dim=1), emb)
-        return self.out(h)
+        if not fast_ops():
+            return self.out(h)
+        norm, _, conv = self.out
+        return conv(group_norm_act(norm, h)).contiguous()
