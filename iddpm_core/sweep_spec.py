@@ -73,6 +73,21 @@ class SweepSpec:
     launcher: dict = field(default_factory=dict)
 
 
+def read_toml(path: Path, where: str, top_keys) -> dict:
+    """The TOML document at ``path``; a missing file, invalid TOML or a top-level key not in
+    ``top_keys`` is a :class:`SweepError` starting with ``where``."""
+    if not path.is_file():
+        raise SweepError(f"{where}: no such file")
+    try:
+        doc = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SweepError(f"{where}: not valid TOML ({exc})") from exc
+    unknown = sorted(set(doc) - set(top_keys))
+    if unknown:
+        raise SweepError(f"{where}: unknown key(s) {unknown}; known keys are {list(top_keys)}")
+    return doc
+
+
 def _type_name(value) -> str:
     return {bool: "boolean", int: "integer", float: "float", str: "string", list: "array",
             dict: "table"}.get(type(value), type(value).__name__)
@@ -171,15 +186,7 @@ def load_spec(path: str | os.PathLike, base_overrides: dict | None = None) -> Sw
 
     path = Path(path)
     where = str(path)
-    if not path.is_file():
-        raise SweepError(f"spec {where}: no such file")
-    try:
-        d = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise SweepError(f"spec {where}: not valid TOML ({exc})") from exc
-    unknown = sorted(set(d) - set(TOP_KEYS))
-    if unknown:
-        raise SweepError(f"spec {where}: unknown key(s) {unknown}; known keys are {list(TOP_KEYS)}")
+    d = read_toml(path, f"spec {where}", TOP_KEYS)
     for k in ("name", "description"):
         if k in d and not isinstance(d[k], str):
             raise SweepError(f"spec {where}: {k}: expected string, got {_type_name(d[k])}")

@@ -51,11 +51,11 @@ A preset named ``full`` is the default. Rows of ``[[rows]]`` may also be changed
 from __future__ import annotations
 
 import copy
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from iddpm_core.sweep import OBJECTIVES, RunSpec, SweepError, make_grid
+from iddpm_core.sweep_spec import read_toml
 
 TOP = ("name", "kind", "description", "notes", "budget", "base", "rows", "grid", "orderings", "eval", "launcher",
        "report", "presets")
@@ -161,15 +161,7 @@ def load_experiment(path, preset: str = "full") -> Experiment:
     """Read ``path``, apply ``preset`` and build its runs (every model and diffusion checked)."""
     path = Path(path)
     where = f"experiment {path}"
-    if not path.is_file():
-        raise SweepError(f"{where}: no such file")
-    try:
-        doc = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise SweepError(f"{where}: not valid TOML ({exc})") from exc
-    unknown = sorted(set(doc) - set(TOP))
-    if unknown:
-        raise SweepError(f"{where}: unknown key(s) {unknown}; known keys are {list(TOP)}")
+    doc = read_toml(path, where, TOP)
     presets = doc.pop("presets", {})
     if preset != "full" and preset not in presets:
         raise SweepError(f"{where}: no preset {preset!r}; it has {['full', *sorted(p for p in presets if p != 'full')]}")
