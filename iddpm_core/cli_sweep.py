@@ -12,12 +12,11 @@ the evaluation and launcher flags, override the spec when given explicitly.
 
 from __future__ import annotations
 
-import shlex
-import sys
-from pathlib import Path
 
 import click
 from click.core import ParameterSource
+
+from iddpm_core.provenance import command_line
 
 DEFAULT_HOOK = "iddpm_eval.sweep_eval:evaluate_checkpoint"
 # Flags of `iddpm-train run` that the sweep does not take (it sets them per run, or has its own).
@@ -76,16 +75,6 @@ def check_eval_settings(hook: str | None, settings: dict) -> dict:
     except ValueError as exc:
         raise click.UsageError(f"evaluation settings: {exc}") from exc
     return settings
-
-
-def command_line() -> str:
-    """This process's command line as typed: ``iddpm-train sweep ...`` or
-    ``python -m iddpm_core.cli_sweep ...`` (program paths shortened to their names)."""
-    if not sys.argv:
-        return ""
-    prog = Path(sys.argv[0])
-    head = (["python", "-m", "iddpm_core.cli_sweep"] if prog.name == "cli_sweep.py" else [prog.name])
-    return shlex.join(head + sys.argv[1:])
 
 
 def _base_config(ctx, config_file, flags) -> dict:

@@ -30,7 +30,6 @@ import os
 import shlex
 import socket
 import subprocess
-import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -38,7 +37,8 @@ from pathlib import Path
 from typing import Sequence
 
 from iddpm_core.io import write_text
-from iddpm_core.sweep import (RunSpec, SweepError, SweepResult, TABLE, _log, _utc_now, load_hook, merge_table,
+from iddpm_core.provenance import utc_now
+from iddpm_core.sweep import (RunSpec, SweepError, SweepResult, TABLE, _log, load_hook, merge_table,
                               prepare, read_rows, run_done, run_one)
 
 try:  # submitit is a dependency; the import is guarded so `iddpm-train run` works without it
@@ -152,7 +152,7 @@ class RunJob(Checkpointable):
 
         path = Path(self.out_dir) / "jobs" / f"{self.run.name}.state.json"
         write_text(path, json.dumps({"run": self.run.name, "job_id": job_id(), "state": state,
-                                     "host": socket.gethostname(), "pid": os.getpid(), "time": _utc_now(), **extra},
+                                     "host": socket.gethostname(), "pid": os.getpid(), "time": utc_now(), **extra},
                                     indent=2) + "\n")
 
     def __call__(self) -> dict:
@@ -207,7 +207,7 @@ def _read_json(path: Path) -> dict | None:
 def _record(out: Path, run: RunSpec, job, opts: LauncherOptions) -> dict:
     rec = {"run": run.name, "launcher": opts.name, "job_id": str(job.job_id), "host": socket.gethostname(),
            "folder": str(job.paths.folder), "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr),
-           "submitted": _utc_now()}
+           "submitted": utc_now()}
     write_text(_jobs_dir(out) / f"{run.name}.json", json.dumps(rec, indent=2) + "\n")
     with open(_jobs_dir(out) / "history.jsonl", "a") as fh:
         fh.write(json.dumps(rec) + "\n")

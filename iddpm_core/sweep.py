@@ -46,26 +46,23 @@ submit the same jobs); to train one large run with DDP, use ``iddpm-train run`` 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import csv
 import dataclasses
-import datetime as _dt
-import hashlib
 import itertools
 import json
 import math
 import os
 import shutil
 import socket
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 from iddpm_core.config import RunConfig
 from iddpm_core.io import write_text
+from iddpm_core.provenance import config_hash, file_lock, git_commit, utc_now
 
 # Leading columns of the sweep table, in order (iddpm_eval.scaling reads run, params, train_flops,
 # images_seen, step, fid, nll and their intervals). Extra columns from the evaluator follow, then
@@ -123,10 +120,6 @@ class RunSpec:
         return config_hash(self.identity())
 
 
-def config_hash(obj) -> str:
-    """First 16 hex digits of the sha256 of the canonical JSON of ``obj``."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _positive_ints(values: Sequence[int], what: str, minimum: int = 1) -> tuple[int, ...]:
@@ -254,31 +247,6 @@ def load_hook(spec: str | None):
 
 # ----------------------------------------------------------------------------- small files
 
-def _utc_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def git_commit() -> str:
-    """Commit of the checkout holding ``iddpm_core`` with ``+dirty`` when its tracked package files
-    differ from it; ``"unknown"`` outside a git checkout."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*args):
-        try:
-            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10,
-                                  env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    commit = git("rev-parse", "--verify", "HEAD")
-    if not commit or not git("ls-files", "--", "iddpm_core"):
-        return "unknown"
-    paths = [p for p in ("iddpm_core", "iddpm_eval", "pyproject.toml") if (root / p).exists()]
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", *paths)
-    return commit + ("+dirty" if dirty else "")
-
-
 def _cell(v) -> str:
     if v is None:
         return ""
@@ -320,20 +288,6 @@ def write_rows(path: str | os.PathLike, rows: Sequence[dict]) -> None:
                 w.writerow({c: _cell(r.get(c)) for c in cols})
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock (flock) on ``path`` for read-merge-write cycles."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -347,7 +301,7 @@ def job_id() -> str:
 
 def _log(run_dir: Path, event: dict) -> None:
     with open(run_dir / "log.jsonl", "a") as fh:
-        fh.write(json.dumps({"time": _utc_now(), "worker": worker_id(), **event}, default=str) + "\n")
+        fh.write(json.dumps({"time": utc_now(), "worker": worker_id(), **event}, default=str) + "\n")
 
 
 def read_log(run_dir: str | os.PathLike) -> list[dict]:
@@ -418,7 +372,7 @@ def merge_table(out_dir: str | os.PathLike, copy_to: str | os.PathLike | None = 
     under a file lock so concurrent workers never drop each other's rows; optionally write the same
     table to ``copy_to``."""
     out = Path(out_dir)
-    with _file_lock(out / ".table.lock"):
+    with file_lock(out / ".table.lock"):
         rows = []
         for f in sorted((out / "runs").glob("*/rows.csv")):
             rows += read_rows(f)
@@ -523,7 +477,7 @@ def run_one(out_dir: str | os.PathLike, run: RunSpec, evaluate: Evaluate | None 
             res.trained.append(f"{run.name}@{step}")
         row = _training_row(run, ckpt, step)
         row.update(train_seconds=train_seconds, config_hash=run.config_hash, config=run.config.to_dict(),
-                   eval_settings=eval_settings, worker=worker_id(), job_id=job_id(), time=_utc_now(),
+                   eval_settings=eval_settings, worker=worker_id(), job_id=job_id(), time=utc_now(),
                    git_commit=commit, command=command or "")
         if evaluate is not None:
             info = {**row, "run_dir": str(run_dir), "out_dir": str(out), "checkpoint": str(ckpt),

@@ -441,7 +441,7 @@ def load(checkpoint: str | os.PathLike, ema: str | float | None = None, device: 
     build its full diffusion (no respacing)."""
     from iddpm_core.diffusion import build_diffusion
     from iddpm_core.sample import load_for_sampling
-    from iddpm_eval.provenance import file_sha256
+    from iddpm_core.provenance import file_sha256
 
     sm = load_for_sampling(checkpoint, ema_rate=ema, device=device)
     diffusion = build_diffusion(sm.diffusion_config, respacing="")
@@ -600,12 +600,12 @@ def evaluate(checkpoint: str | os.PathLike | Loaded, data: str, *, out_dir: str 
                                                   f"n = {len(keys)}, T = {T}")
         summary["terms_csv"] = str(out / TERMS_CSV)
         summary["terms_png"] = str(out / TERMS_PNG)
-    from iddpm_eval.provenance import provenance
+    from iddpm_core.provenance import json_clean, provenance
 
     summary["provenance"] = provenance()
     summary["processes"] = dist.world()
     if dist.is_main():
-        write_text(out / SUMMARY_JSON, json.dumps(_jsonable(summary), indent=2, sort_keys=True) + "\n")
+        write_text(out / SUMMARY_JSON, json.dumps(json_clean(summary), indent=2, sort_keys=True) + "\n")
     return summary
 
 
@@ -664,6 +664,3 @@ def _pilot_profile(path: Path, diffusion, model, src, m: int, conditional: bool,
     write_breakdown(path, breakdown(res["vb"], res["xstart_mse"], res["mse"]))
     return load_profile(path, T)
 
-
-def _jsonable(d: dict) -> dict:
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}

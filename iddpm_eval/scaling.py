@@ -689,13 +689,3 @@ def write_csv(table: pd.DataFrame, path: str | os.PathLike) -> Path:
         table.to_csv(tmp, index=False, float_format="%.10g")
     return path
 
-
-def json_safe(obj):
-    """Replace NaN and infinities by None so that the result is valid JSON."""
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj

@@ -26,15 +26,13 @@ import io
 import json
 import math
 import os
-import shlex
-import sys
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import pandas as pd
 
 from iddpm_core.io import NotWritableError, atomic_path, check_writable
-from iddpm_eval.provenance import provenance
+from iddpm_core.provenance import command_line, file_lock, provenance
 
 COLUMNS = [
     "experiment", "metric", "value", "ci_low", "ci_high", "n",
@@ -150,11 +148,6 @@ def normalize_row(row: dict, prov: dict | None = None) -> dict:
     return out
 
 
-def command_line() -> str:
-    """The running command, shell-quoted (``sys.argv``)."""
-    return shlex.join([os.path.basename(sys.argv[0])] + sys.argv[1:]) if sys.argv and sys.argv[0] else ""
-
-
 def result_row(*, experiment: str, metric: str, value: float, ci_low: float | None = None,
                ci_high: float | None = None, n: int | None = None, mode: str | None = None, seed: int | None = None,
                weights_sha256: str | None = None, config_hash: str | None = None,
@@ -193,23 +186,6 @@ def check_table(path: str | os.PathLike, experiment: str | None = None) -> Path:
     if path.is_file() and path.stat().st_size > 0:
         read_results(path)
     return path
-
-
-@contextlib.contextmanager
-def _folder_lock(folder: Path) -> Iterator[None]:
-    """Exclusive advisory lock on ``folder`` (POSIX ``flock``; a no-op where unavailable)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 def _check_path(path: str | os.PathLike) -> Path:
@@ -325,7 +301,7 @@ def append_results(path: str | os.PathLike, rows: list[dict], *, replace: bool =
     check_writable(path, what="results table")
     path.parent.mkdir(parents=True, exist_ok=True)
     replaced = 0
-    with _folder_lock(path.parent):
+    with file_lock(path.parent):
         check_writable(path, what="results table")  # may have changed while we waited
         if path.exists() and path.stat().st_size > 0:
             old = read_results(path)
@@ -386,7 +362,7 @@ def _read_parquet_copy(path: Path) -> pd.DataFrame:
             df = read_results(csv_path)
             with contextlib.suppress(OSError, NotWritableError):
                 check_writable(path, what="results table copy")
-                with _folder_lock(path.parent):
+                with file_lock(path.parent):
                     _write_parquet(csv_path)
             return df
     df = pd.read_parquet(path)

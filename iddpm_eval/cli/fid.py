@@ -56,7 +56,7 @@ def source_options(f):
 def result_rows(out: dict, metrics: list[tuple[str, str, str | None, str | None]], experiment: str | None
                 ) -> list[dict]:
     """One results row per (metric, key, ci_low key, ci_high key) present in ``out``."""
-    from iddpm_eval.provenance import provenance
+    from iddpm_core.provenance import provenance
     from iddpm_eval.tables import result_row
 
     exp = experiment or f"{out['a']} vs {out['b']}"

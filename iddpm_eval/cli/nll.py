@@ -89,7 +89,7 @@ def nll(checkpoint, data, num, batch_size, exact_cdf, clip_denoised, estimate, p
         click.echo(f"prior {out['prior_bpd']:.6f}  decoder {out['decoder_bpd']:.4f}  KL terms {out['kl_bpd']:.4f}")
         click.echo(f"outputs in {out['out_dir']}")
     if results:  # printed first, so a failed write loses nothing the user has not seen
-        from iddpm_eval.provenance import config_hash
+        from iddpm_core.provenance import config_hash
         from iddpm_eval.tables import result_row
 
         se = out["bpd_stderr"]

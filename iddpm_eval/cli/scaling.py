@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from iddpm_core.io import atomic_path
+from iddpm_core.provenance import json_clean
 
 from iddpm_eval import plots, scaling
 
@@ -87,7 +88,7 @@ def scaling_cmd(table, x, y, form, fixed_e, points, joint, budgets, extrapolate,
     if as_json:
         doc = res.to_json()
         doc.update(csv=str(csv_path), png=str(png_path))
-        click.echo(json.dumps(scaling.json_safe(doc), indent=2))
+        click.echo(json.dumps(json_clean(doc), indent=2))
     else:
         click.echo(res.table.to_string(index=False))
         click.echo(f"wrote {csv_path} and {png_path}")
@@ -121,7 +122,7 @@ def _checks(table, x, y, form, fixed_e, points, extrapolate, isoflop, budget_tol
     except ValueError as e:
         raise click.UsageError(f"{table}: {e}") from e
     if as_json:
-        click.echo(json.dumps(scaling.json_safe(doc), indent=2, default=float))
+        click.echo(json.dumps(json_clean(doc), indent=2, default=float))
         return
     if "extrapolation" in doc:
         e = doc["extrapolation"]

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from iddpm_core.io import write_text
+from iddpm_core.provenance import json_clean
 
 Z95 = 1.959963984540054
 PROVENANCE = ("git_commit", "command", "config_hash", "config", "seed", "checkpoint", "job_id", "time")
@@ -294,7 +295,7 @@ def report_scaling(exp, df: pd.DataFrame, out: Path, info: dict) -> dict:
         stem = f"fit_{y}_vs_compute"
         scaling.write_csv(res.table, out / f"{stem}.csv")
         plots.plot_scaling(res, out / f"{stem}.png")
-        doc = scaling.json_safe(res.to_json())
+        doc = json_clean(res.to_json())
         fits[y] = doc
         a = doc.get("alpha"), doc.get("alpha_ci", [None, None])
         lines.append(f"- {y} = E + A C^-alpha on the compute frontier ({doc['n_points']} points): alpha = "

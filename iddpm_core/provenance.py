@@ -1,4 +1,6 @@
-"""Where a number came from: package version, git commit, time, machine, and content hashes.
+"""Where a number came from: package version, git commit, time, machine, command line and content
+hashes; and the small shared helpers that records need (a file lock for read-merge-write cycles,
+JSON without NaN). The one home of each: the trainer, the sweep and the evaluator all import them.
 
 Nothing here touches the network. ``git`` is run locally, only on the checkout that holds the
 installed ``iddpm`` sources; an installed wheel (no checkout) reports ``"unknown"``.
@@ -6,6 +8,7 @@ installed ``iddpm`` sources; an installed wheel (no checkout) reports ``"unknown
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import hashlib
@@ -13,10 +16,11 @@ import json
 import math
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from iddpm_core.io import file_sha256  # noqa: F401  (re-exported: provenance.file_sha256)
 
@@ -160,6 +164,63 @@ def config_hash(obj: Any, full: bool = False) -> str:
     digest = hashlib.sha256(canonical_json(obj).encode("ascii")).hexdigest()
     return digest if full else digest[:SHORT_HASH_CHARS]
 
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The running command (``sys.argv``), shell-quoted, with the program shortened to its name:
+    ``iddpm-train sweep ...``; a module of the package run as a script or with ``python -m`` is
+    written ``python -m iddpm_core.cli_sweep ...``."""
+    argv = list(sys.argv if argv is None else argv)
+    if not argv or not argv[0]:
+        return ""
+    prog = Path(argv[0])
+    head = [prog.name]
+    if prog.suffix == ".py":
+        try:
+            rel = prog.resolve().relative_to(source_root())
+        except ValueError:
+            rel = None
+        if rel is not None and rel.parts and rel.parts[0] in ("iddpm_core", "iddpm_eval"):
+            parts = list(rel.with_suffix("").parts)
+            if parts[-1] == "__main__":
+                parts = parts[:-1]
+            head = ["python", "-m", ".".join(parts)]
+    return shlex.join(head + argv[1:])
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive advisory lock (POSIX ``flock``) held for the ``with`` block. ``path`` is a
+    folder (locked itself) or a lock file (created, with its parent folders, if missing). A no-op
+    where ``fcntl`` is unavailable."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    path = Path(path)
+    if path.is_dir():
+        fd = os.open(path, os.O_RDONLY)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def json_clean(obj: Any) -> Any:
+    """``obj`` with every NaN and infinity (in nested dicts, lists and tuples) replaced by None,
+    so that it is valid JSON (``json.dumps(..., allow_nan=False)`` accepts it)."""
+    if isinstance(obj, dict):
+        return {k: json_clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_clean(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 if __name__ == "__main__":  # pragma: no cover - manual check
