@@ -18,15 +18,23 @@ from typing import Any
 SAMPLERS = ("uniform", "loss-second-moment")
 
 
+def refuse_unknown(given, known, where: str = "", error: type[Exception] = ValueError, what: str = "keys") -> None:
+    """Raise ``error("<where>: unknown key(s) [...]; known <what> are [...]")`` when ``given`` (a
+    mapping or a collection of names) has a key outside ``known``; the one check behind every
+    config table, spec file and settings table. ``known`` is listed in its own order when it is a
+    list or tuple, sorted otherwise."""
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        listed = list(known) if isinstance(known, (list, tuple)) else sorted(known)
+        raise error(f"{where + ': ' if where else ''}unknown key(s) {unknown}; known {what} are {listed}")
+
+
 def _dataclass_from_dict(cls, d: dict, where: str):
     """Build dataclass ``cls`` from ``d``, refusing unknown keys; lists become tuples where the
     default is a tuple (JSON has no tuples)."""
     if not isinstance(d, dict):
         raise ValueError(f"{where}: expected a table of fields, got {type(d).__name__}")
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - set(names))
-    if unknown:
-        raise ValueError(f"{where}: unknown field(s) {unknown}; known fields are {sorted(names)}")
+    refuse_unknown(d, {f.name for f in dataclasses.fields(cls)}, where, what="fields")
     kwargs = {}
     for k, v in d.items():
         if isinstance(v, list):
@@ -207,7 +215,4 @@ def _diffusion_from_dict(d: dict, where: str):
 def _check_keys(cls, d, where):
     if not isinstance(d, dict):
         raise ValueError(f"{where}: expected a table of fields, got {type(d).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"{where}: unknown field(s) {unknown}; known fields are {sorted(names)}")
+    refuse_unknown(d, {f.name for f in dataclasses.fields(cls)}, where, what="fields")

@@ -45,6 +45,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from iddpm_core.config import refuse_unknown
 from iddpm_core.sweep import RunSpec, SweepError, make_grid
 
 TOP_KEYS = ("name", "description", "grid", "model", "diffusion", "train", "eval", "launcher")
@@ -82,9 +83,7 @@ def read_toml(path: Path, where: str, top_keys) -> dict:
         doc = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise SweepError(f"{where}: not valid TOML ({exc})") from exc
-    unknown = sorted(set(doc) - set(top_keys))
-    if unknown:
-        raise SweepError(f"{where}: unknown key(s) {unknown}; known keys are {list(top_keys)}")
+    refuse_unknown(doc, list(top_keys), where, SweepError)
     return doc
 
 
@@ -118,9 +117,7 @@ def _check_table(where: str, table, cls) -> dict:
     if not isinstance(table, dict):
         raise SweepError(f"{where}: expected a table, got {_type_name(table)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(table) - set(fields))
-    if unknown:
-        raise SweepError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(fields)}")
+    refuse_unknown(table, set(fields), where, SweepError)
     for k, v in table.items():
         if not _accepts(fields[k].type, v):
             raise SweepError(f"{where}.{k}: expected {fields[k].type}, got {_type_name(v)} {v!r}")
@@ -130,9 +127,7 @@ def _check_table(where: str, table, cls) -> dict:
 def _check_grid(where: str, grid) -> dict:
     if not isinstance(grid, dict):
         raise SweepError(f"{where}: expected a table, got {_type_name(grid)}")
-    unknown = sorted(set(grid) - set(GRID_AXES))
-    if unknown:
-        raise SweepError(f"{where}: unknown key(s) {unknown}; known axes are {sorted(GRID_AXES)}")
+    refuse_unknown(grid, set(GRID_AXES), where, SweepError, what="axes")
     for axis in REQUIRED_AXES:
         if axis not in grid:
             raise SweepError(f"{where}: missing the axis {axis!r}")
@@ -155,9 +150,7 @@ def check_launcher(where: str, table) -> dict:
     ``sbatch --test-only``, still before anything is submitted)."""
     if not isinstance(table, dict):
         raise SweepError(f"{where}: expected a table, got {_type_name(table)}")
-    unknown = sorted(set(table) - set(LAUNCHER_KEYS))
-    if unknown:
-        raise SweepError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(LAUNCHER_KEYS)}")
+    refuse_unknown(table, set(LAUNCHER_KEYS), where, SweepError)
     for k, v in table.items():
         types = LAUNCHER_KEYS[k]
         if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):

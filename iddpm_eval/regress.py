@@ -58,6 +58,7 @@ from typing import Any
 
 import pandas as pd
 
+from iddpm_core.config import refuse_unknown
 from iddpm_core.io import atomic_path
 from iddpm_eval.tables import _file_mode, read_results
 
@@ -113,9 +114,7 @@ _KEYS = {f.name for f in dataclasses.fields(Tolerance)}
 def _tolerance(entry: Any, where: str) -> Tolerance:
     if not isinstance(entry, dict):
         raise RegressError(f"{where}: expected a table of abs/rel/higher_is_better/ci, got {entry!r}")
-    unknown = sorted(set(entry) - _KEYS)
-    if unknown:
-        raise RegressError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(_KEYS)}")
+    refuse_unknown(entry, _KEYS, where, RegressError)
     kw: dict[str, Any] = {}
     for k in ("abs", "rel"):
         if k in entry:

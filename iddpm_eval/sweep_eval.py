@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from iddpm_core.config import refuse_unknown
 from iddpm_core.io import save_npz
 
 # Defaults of the settings read from run_info["eval"]; the CLI passes all of them.
@@ -57,9 +58,7 @@ _STR_KEYS = ("fid_sampler", "fid_ref", "fid_mode", "fid_weights", "nll_data", "d
 def check_settings(given: dict) -> None:
     """Refuse unknown keys and values of the wrong type (called by ``iddpm-train sweep`` before it
     submits anything); the error names the key."""
-    unknown = sorted(set(given) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown}; known: {sorted(DEFAULTS)}")
+    refuse_unknown(given, set(DEFAULTS))
     for k, v in given.items():
         if v is None:
             continue

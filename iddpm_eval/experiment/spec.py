@@ -54,6 +54,7 @@ import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from iddpm_core.config import refuse_unknown
 from iddpm_core.sweep import OBJECTIVES, RunSpec, SweepError, make_grid
 from iddpm_core.sweep_spec import read_toml
 
@@ -110,9 +111,7 @@ def _run_of_row(where: str, index: int, row: dict, base: dict, budget: dict) -> 
     from iddpm_core.diffusion.config import build_diffusion
     from iddpm_core.train import complete_model_config
 
-    unknown = sorted(set(row) - set(ROW_KEYS))
-    if unknown:
-        raise SweepError(f"{where}: unknown key(s) {unknown}; known keys are {list(ROW_KEYS)}")
+    refuse_unknown(row, list(ROW_KEYS), where, SweepError)
     if not isinstance(row.get("name"), str) or not row["name"].replace("_", "").replace("-", "").isalnum():
         raise SweepError(f"{where}: name must be a string of letters, digits, '_' and '-', got {row.get('name')!r}")
     d = {s: merge(base.get(s, {}), row.get(s, {})) for s in ("model", "diffusion", "train")}
