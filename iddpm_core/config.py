@@ -4,10 +4,15 @@ and resuming need no flags.
 
 A run config file is JSON (``.json``) or TOML (``.toml``) with up to three tables ``model``,
 ``diffusion`` and ``train``; missing fields take their defaults, unknown fields are refused.
+
+Also here: filling the model fields a run leaves to its data (:func:`complete_model_config`) and
+the rules for resuming (:func:`load_run_config`, :func:`check_resume_changes`,
+:func:`merge_resume_config`: only the train fields in ``RESUMABLE_FIELDS`` may change).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -16,6 +21,13 @@ from pathlib import Path
 from typing import Any
 
 SAMPLERS = ("uniform", "loss-second-moment")
+# Train-config fields that may change when a run is resumed; the others must match the checkpoint.
+RESUMABLE_FIELDS = ("steps", "log_interval", "sample_interval", "save_interval", "sample_num", "sample_steps",
+                    "device", "precision")
+
+
+class ResumeError(ValueError):
+    """A run cannot be resumed as asked; the message names the file or the fields."""
 
 
 def refuse_unknown(given, known, where: str = "", error: type[Exception] = ValueError, what: str = "keys") -> None:
@@ -216,3 +228,69 @@ def _check_keys(cls, d, where):
     if not isinstance(d, dict):
         raise ValueError(f"{where}: expected a table of fields, got {type(d).__name__}")
     refuse_unknown(d, {f.name for f in dataclasses.fields(cls)}, where, what="fields")
+
+
+# ----------------------------------------------------------------------------- completing and resuming
+
+def complete_model_config(d: dict) -> dict:
+    """Fill a run-config dict's missing model fields from the data: ``image_size`` and ``in_channels``
+    from the images' shape; ``attention_resolutions`` = (16,) when the model has a 16-pixel level, else
+    the largest level below 16 that is not the full image (none for a one-level model). In place."""
+    model, train_d = d.setdefault("model", {}), d.setdefault("train", {})
+    if "image_size" not in model or "in_channels" not in model:
+        from iddpm_core.data import load_source
+
+        tcfg = TrainConfig.from_dict(train_d)
+        h, w, c = load_source(tcfg.data, root=tcfg.data_root).shape
+        if h != w:
+            raise ValueError(f"data {tcfg.data!r} holds {h}x{w} images; the models need square images")
+        model.setdefault("image_size", int(h))
+        model.setdefault("in_channels", int(c))
+    if "attention_resolutions" not in model:
+        probe = _model_config_cls().from_dict({k: v for k, v in model.items() if k != "attention_resolutions"}
+                                              | {"attention_resolutions": ()})
+        levels = probe.resolutions()
+        below = [r for r in levels if r <= 16 and r != probe.image_size]
+        model["attention_resolutions"] = [16] if 16 in levels else ([max(below)] if below else [])
+    return d
+
+
+def _plain(v):
+    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def check_resume_changes(stored: dict, given: dict) -> None:
+    """Refuse, naming each setting with both values, every field of ``given`` ({section: {field:
+    value}}, possibly partial) that differs from the run-config dict ``stored`` of the checkpoint,
+    except the train fields in RESUMABLE_FIELDS."""
+    diffs = []
+    for section in ("model", "diffusion", "train"):
+        for k, v in sorted((given.get(section) or {}).items()):
+            old = (stored.get(section) or {}).get(k)
+            if not (section == "train" and k in RESUMABLE_FIELDS) and _plain(old) != _plain(v):
+                diffs.append(f"{section}.{k} (checkpoint {_plain(old)!r}, given {_plain(v)!r})")
+    if diffs:
+        raise ResumeError(f"cannot resume with a different config: {', '.join(diffs)} differ from the "
+                          f"checkpoint (only train.{', train.'.join(RESUMABLE_FIELDS)} may change)")
+
+
+def merge_resume_config(stored: RunConfig, given: RunConfig | None) -> RunConfig:
+    """The config of a resumed run: the stored one, with the given train fields in RESUMABLE_FIELDS.
+    Any other difference is refused, naming the fields."""
+    if given is None:
+        return stored
+    check_resume_changes(stored.to_dict(), given.to_dict())
+    merged = copy.deepcopy(stored)
+    for k in RESUMABLE_FIELDS:
+        setattr(merged.train, k, getattr(given.train, k))
+    merged.train.validate()
+    return merged
+
+
+def load_run_config(ckpt: dict, where: str) -> RunConfig:
+    """The run config stored in a trainer checkpoint (``where`` names it in errors)."""
+    for key in ("diffusion_config", "train_config"):
+        if key not in ckpt:
+            raise ResumeError(f"{where}: checkpoint has no {key}; it was not written by the trainer")
+    return RunConfig.from_dict({"model": ckpt["model_config"], "diffusion": ckpt["diffusion_config"],
+                                "train": ckpt["train_config"]}, where=where)

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -26,20 +25,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from iddpm_core import distributed as dist_utils
+from iddpm_core.checkpoint import SamplingModel, load_model
 from iddpm_core.io import atomic_path, check_writable, file_sha256, save_npz, write_text
 from iddpm_core.precision import check_precision, with_precision
+from iddpm_core.seeding import seed_from
 
 SAMPLERS = ("ddpm", "ddim")
 QUANTIZE = ("round", "truncate")
-
-
-def seed_from(*values: int) -> int:
-    """A well-mixed 63-bit seed from non-negative integers (numpy's SeedSequence)."""
-    vals = [int(v) for v in values]
-    if any(v < 0 for v in vals):
-        raise ValueError(f"seeds must be non-negative integers, got {vals}")
-    state = np.random.SeedSequence(vals).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
 
 
 def quantize(x: torch.Tensor, mode: str = "round") -> np.ndarray:
@@ -63,57 +55,6 @@ def respacing_for(steps: int | None, sampler: str, total: int) -> str:
     return f"ddim{int(steps)}" if sampler == "ddim" else str(int(steps))
 
 
-# ----------------------------------------------------------------------------- loading
-
-@dataclass
-class SamplingModel:
-    """A model ready to sample: weights (EMA by default), its configs and where they came from."""
-
-    model: nn.Module
-    model_config: object
-    diffusion_config: object
-    ema_rate: float | None = None       # None = the raw (non-EMA) weights
-    step: int | None = None
-    path: str | None = None
-    info: dict = field(default_factory=dict)
-    precision: str = "fp32"             # "bf16": the forward passes under bfloat16 autocast
-
-
-def load_for_sampling(path: str | os.PathLike, ema_rate: float | str | None = None,
-                      device: str | torch.device = "cpu") -> SamplingModel:
-    """Load a training checkpoint for sampling. ``ema_rate``: None = the first EMA rate of the run
-    (the raw weights when the run kept no EMA), a rate such as 0.9999, or "raw" for the raw weights."""
-    from iddpm_core.checkpoint import load_checkpoint, load_weights
-    from iddpm_core.diffusion import DiffusionConfig
-    from iddpm_core.ema import rate_key
-    from iddpm_core.models import ModelConfig, build_model
-
-    ckpt = load_checkpoint(path, map_location="cpu")
-    if "diffusion_config" not in ckpt:
-        raise ValueError(f"{path}: checkpoint has no diffusion_config; it was not written by the trainer")
-    model_config = ModelConfig.from_dict(ckpt["model_config"])
-    diffusion_config = DiffusionConfig.from_dict(ckpt["diffusion_config"])
-    model = build_model(model_config)
-    emas = ckpt.get("ema") or {}
-    if ema_rate == "raw":
-        state, rate = ckpt["model"], None
-    elif ema_rate is None:
-        if emas:
-            key = next(iter(emas))
-            state, rate = emas[key], float(key)
-        else:
-            state, rate = ckpt["model"], None
-    else:
-        key = rate_key(float(ema_rate))
-        if key not in emas:
-            raise ValueError(f"{path}: no EMA with rate {ema_rate}; it holds {list(emas) or 'none'} (or use 'raw')")
-        state, rate = emas[key], float(key)
-    load_weights(model, state, f"{path}" + (f" (EMA {rate})" if rate is not None else ""))
-    model.to(device).eval()
-    return SamplingModel(model, model_config, diffusion_config, rate, ckpt.get("step"), str(path),
-                         {"images_seen": ckpt.get("images_seen"), "train_flops": ckpt.get("train_flops")})
-
-
 def _resolve(checkpoint_or_model, diffusion_config, ema_rate, device) -> SamplingModel:
     if isinstance(checkpoint_or_model, SamplingModel):
         sm = checkpoint_or_model
@@ -122,7 +63,7 @@ def _resolve(checkpoint_or_model, diffusion_config, ema_rate, device) -> Samplin
             raise ValueError("sampling from a model object needs diffusion_config")
         sm = SamplingModel(checkpoint_or_model, getattr(checkpoint_or_model, "config", None), diffusion_config)
     else:
-        sm = load_for_sampling(checkpoint_or_model, ema_rate=ema_rate, device=device or "cpu")
+        sm = load_model(checkpoint_or_model, ema=ema_rate, device=device or "cpu")
     if device is not None:
         sm.model.to(device)
     return sm
@@ -295,7 +236,7 @@ def _sample_to_dir(checkpoint, out, num, steps, sampler, eta, seed, batch_size, 
     from iddpm_core.diffusion import build_diffusion
 
     rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
-    sm = load_for_sampling(checkpoint, ema_rate=ema_rate, device=dev)
+    sm = load_model(checkpoint, ema=ema_rate, device=dev)
     sm.precision = precision
     size, channels, num_classes = _model_dims(sm)
     respacing = respacing_for(steps, sampler, sm.diffusion_config.steps)

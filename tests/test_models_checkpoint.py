@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from iddpm_core.checkpoint import load_checkpoint, load_model, save_checkpoint
+from iddpm_core.diffusion import DiffusionConfig
 from iddpm_core.models import ModelConfig, build_model
 from helpers import randomize_
 
@@ -31,8 +32,10 @@ def test_saved_and_loaded_model_reproduces_output_exactly(tmp_path, config):
     with torch.no_grad():
         want = model(x, t, y)
     path = tmp_path / "ckpt" / "model.pt"
-    save_checkpoint(path, model, config, step=12, ema_rate=0.9999, note={"a": [1, 2]})
-    loaded, cfg, ckpt = load_model(path)
+    save_checkpoint(path, model, config, step=12, ema_rate=0.9999, note={"a": [1, 2]},
+                    diffusion_config=DiffusionConfig().to_dict())  # load_model reads trainer checkpoints
+    sm = load_model(path)
+    loaded, cfg, ckpt = sm.model, sm.model_config, load_checkpoint(path)
     assert cfg == config
     assert ckpt["step"] == 12 and ckpt["ema_rate"] == 0.9999 and ckpt["note"] == {"a": [1, 2]}
     assert ckpt["format"] == "iddpm-checkpoint" and ckpt["version"] == 1

@@ -38,7 +38,8 @@ def test_sweep_hook_precision_recall_equals_prdc_on_the_fid_features(tmp_path):
 def test_sampling_steps_cells_sample_with_the_named_variance_and_resume(tmp_path):
     import dataclasses
 
-    from iddpm_core.sample import load_for_sampling, sample_images
+    from iddpm_core.checkpoint import load_model
+    from iddpm_core.sample import sample_images
     from iddpm_eval import paper_eval
 
     runs = sw.make_grid(tiny_base(), [8], [1], [2], objectives=["simple"])
@@ -55,10 +56,10 @@ def test_sampling_steps_cells_sample_with_the_named_variance_and_resume(tmp_path
         with np.load(cells / name / "samples.npz") as z:
             return z["arr_0"]
 
-    sm = load_for_sampling(ckpt)
+    sm = load_model(ckpt)
     assert sm.diffusion_config.var_type == "fixed_large"
     small = dataclasses.replace(sm.diffusion_config, var_type="fixed_small")
-    sm2 = load_for_sampling(ckpt)
+    sm2 = load_model(ckpt)
     sm2.diffusion_config = small
     np.testing.assert_array_equal(samples("ddpm-fixed_small_3"),
                                   sample_images(sm2, 6, 3, "ddpm", seed=2, batch_size=256, progress=False))

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from iddpm_core import sweep as sw
 from iddpm_core.config import RunConfig
-from iddpm_core.train import complete_model_config
+from iddpm_core.config import complete_model_config
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = {"model": {"channel_mult": [1, 2], "num_heads": 1},

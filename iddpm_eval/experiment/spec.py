@@ -109,7 +109,7 @@ def _steps(where: str, value, budget: dict) -> list[int]:
 def _run_of_row(where: str, index: int, row: dict, base: dict, budget: dict) -> RunSpec:
     from iddpm_core.config import RunConfig
     from iddpm_core.diffusion.config import build_diffusion
-    from iddpm_core.train import complete_model_config
+    from iddpm_core.config import complete_model_config
 
     refuse_unknown(row, list(ROW_KEYS), where, SweepError)
     if not isinstance(row.get("name"), str) or not row["name"].replace("_", "").replace("-", "").isalnum():
@@ -138,7 +138,7 @@ def _run_of_row(where: str, index: int, row: dict, base: dict, budget: dict) -> 
 def _grid_runs(where: str, grid: dict, base: dict, budget: dict) -> list[RunSpec]:
     from iddpm_core.config import RunConfig
     from iddpm_core.sweep_spec import GRID_AXES
-    from iddpm_core.train import complete_model_config
+    from iddpm_core.config import complete_model_config
 
     unknown = sorted(set(grid) - set(GRID_AXES))
     if unknown:
