@@ -63,27 +63,30 @@ class TrainConfig:
     """How to train. ``batch_size`` is per process (the global batch is batch_size x processes);
     ``microbatch`` splits it into chunks whose gradients are averaged (0 = no split)."""
 
-    data: str = "digits"                 # spec for iddpm_core.data.load_source
-    data_root: str | None = None         # folder holding Fashion-MNIST IDX files (None = Debian's)
-    flip: bool = False                   # random left-right flips
-    batch_size: int = 64
-    microbatch: int = 0
+    data: str = "digits"                 # digits, fashion-mnist:train, cifar10:train:FOLDER, an image folder
+                                         # or an .npz batch
+    data_root: str | None = None         # Folder of the Fashion-MNIST IDX files (None = Debian's)
+    flip: bool = False                   # Random left-right flips
+    batch_size: int = 64                 # Per process
+    microbatch: int = 0                  # 0 = no split
     lr: float = 1e-4
     weight_decay: float = 0.0
-    lr_warmup_steps: int = 0             # linear warm-up from 0 to lr (0 = constant lr)
-    ema_rates: tuple = (0.9999,)
+    lr_warmup_steps: int = 0             # Linear warm-up from 0 to lr (0 = constant lr)
+    ema_rates: tuple = (0.9999,)         # Comma-separated EMA rates
     ema_warmup: bool = False             # rate_k = min(rate, (1 + k) / (10 + k)) at update k
-    grad_clip: float = 0.0               # max global gradient norm (0 = no clipping)
-    timestep_sampler: str = "uniform"    # "uniform" or "loss-second-moment"
+    grad_clip: float = 0.0               # Max global gradient norm (0 = off)
+    timestep_sampler: str = "uniform"
     seed: int = 0
-    steps: int = 1000                    # train until this many optimiser steps in total
+    steps: int = 1000                    # Total optimiser steps (train until this many)
     log_interval: int = 10
-    sample_interval: int = 500           # grid of samples every this many steps (0 = never)
+    sample_interval: int = 500           # A grid of samples every this many steps (0 = only at the end)
     save_interval: int = 1000            # ckpt_<step>.pt every this many steps (0 = only at the end)
-    sample_num: int = 64                 # images in the grid
-    sample_steps: str = "50"             # respacing of the grid's sampler; "ddimK" samples with DDIM
+    sample_num: int = 64                 # Images in the grid
+    sample_steps: str = "50"             # Grid sampler steps; 'ddimK' samples with DDIM
     device: str = "auto"                 # "auto" (cuda if present), "cpu", "cuda", "cuda:1", ...
-    precision: str = "fp32"              # "bf16": the model's forward under bfloat16 autocast
+    precision: str = "fp32"              # bf16: the network under bfloat16 autocast (off by default: it was
+                                         # slower than fp32 on an AVX-512-BF16 CPU without AMX; see
+                                         # benchmarks/train_sample.py)
 
     def __post_init__(self):
         self.ema_rates = tuple(float(r) for r in (self.ema_rates if isinstance(self.ema_rates, (list, tuple))
