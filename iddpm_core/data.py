@@ -21,8 +21,7 @@ CIFAR-10 batches are pickles; they are read by an unpickler that builds only wha
 (dicts, lists, strings, numbers, numpy arrays) and refuses anything else, so a crafted batch cannot
 run code.
 
-Models see ``to_model_range(images)``: float32 NCHW in [-1, 1] (x / 127.5 - 1);
-:class:`TorchImageDataset` wraps a source for a torch DataLoader, with optional random flips.
+Models see ``to_model_range(images)``: float32 NCHW in [-1, 1] (x / 127.5 - 1).
 """
 
 from __future__ import annotations
@@ -99,7 +98,7 @@ class ArraySource(ImageSource):
 
     def __init__(self, images: np.ndarray, labels: np.ndarray | None = None, name: str = "array"):
         self.name = name
-        self.images = check_images(images, name)
+        self.images = check_images(images, name, need_images=True)
         self.shape = tuple(self.images.shape[1:])
         self.has_labels = labels is not None
         if labels is not None:
@@ -122,16 +121,23 @@ class ArraySource(ImageSource):
         return self.images[idx], self.labels[idx]
 
 
-def check_images(images: np.ndarray, name: str) -> np.ndarray:
-    """Check that ``images`` is a non-empty uint8 array [N, H, W, C] with C in (1, 3)."""
+def check_images(images, name: str = "images", need_images: bool = False) -> np.ndarray:
+    """``images`` (a numpy array or a torch tensor) checked to be uint8 [N, H, W, C] with C 1 or 3
+    ([N, H, W] is grayscale) and returned as a numpy array [N, H, W, C]; ``need_images`` also
+    refuses N = 0. Raises DataError (a ValueError) naming ``name``, the shape and the dtype."""
+    if type(images).__module__.startswith("torch"):
+        images = images.detach().cpu().numpy()
     images = np.asarray(images)
     if images.dtype != np.uint8:
-        raise DataError(f"{name}: images must be uint8, got dtype {images.dtype}")
+        raise DataError(f"{name}: images must be uint8 (values 0..255), got dtype {images.dtype} with shape "
+                        f"{images.shape}; convert with ((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8)")
     if images.ndim == 3:  # N, H, W grayscale
         images = images[..., None]
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise DataError(f"{name}: images must have shape [N, H, W, C] with C 1 or 3, got {images.shape}")
-    if images.shape[0] == 0:
+        raise DataError(f"{name}: images must have shape (N, H, W, C) with C 1 or 3 (NHWC), got {images.shape}")
+    if images.shape[1] < 1 or images.shape[2] < 1:
+        raise DataError(f"{name}: empty images of shape {images.shape}")
+    if need_images and images.shape[0] == 0:
         raise DataError(f"{name}: holds no images (shape {images.shape})")
     return images
 
@@ -541,23 +547,3 @@ def from_model_range(x, rounding: str = "round") -> np.ndarray:
     elif rounding != "truncate":
         raise ValueError(f"rounding must be 'round' or 'truncate', got {rounding!r}")
     return y.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-class TorchImageDataset:
-    """Map-style dataset for ``torch.utils.data.DataLoader``: item -> (float32 CHW in [-1, 1],
-    int64 label, -1 without labels); ``flip=True`` mirrors each image left-right with p = 0.5."""
-
-    def __init__(self, source: ImageSource, flip: bool = False):
-        self.source, self.flip = source, flip
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, i: int):
-        import torch
-
-        img, label = self.source[i]
-        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 127.5 - 1.0
-        if self.flip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return x, torch.tensor(label, dtype=torch.int64)
