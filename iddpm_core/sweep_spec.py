@@ -175,7 +175,7 @@ def load_spec(path: str | os.PathLike, base_overrides: dict | None = None) -> Sw
     from iddpm_core.config import RunConfig, TrainConfig
     from iddpm_core.diffusion.config import DiffusionConfig
     from iddpm_core.models import ModelConfig
-    from iddpm_core.train import complete_model_config
+    from iddpm_core.config import complete_model_config
 
     path = Path(path)
     where = str(path)

@@ -75,3 +75,17 @@ def test_missing_and_corrupt_files_name_the_file(tmp_path):
         load_model(truncated)
     with pytest.raises(ValueError, match="reserved"):
         save_checkpoint(tmp_path / "x.pt", model, CONFIGS[0], format="other")
+
+
+def test_torch_load_reason_is_one_line_without_the_weights_only_advice(tmp_path):
+    from iddpm_core.checkpoint import torch_load_reason
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"f": object()}, evil)  # an object weights_only refuses to build
+    with pytest.raises(Exception) as info:
+        torch.load(evil, weights_only=True)
+    reason = torch_load_reason(info.value)
+    assert reason.startswith(type(info.value).__name__ + ": ")
+    assert "\n" not in reason and "weights_only" not in reason
+    assert torch_load_reason(RuntimeError("first part. second part")) == "RuntimeError: first part"
+    assert torch_load_reason(EOFError()) == "EOFError"
