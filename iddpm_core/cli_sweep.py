@@ -183,7 +183,8 @@ def sweep(ctx, spec_file, status_dir, widths, depths, ckpt_steps, flop_budgets, 
     `iddpm-eval scaling OUT/sweep.csv`; `--status OUT` shows the jobs."""
     from iddpm_core.config import RunConfig
     from iddpm_core.launch import LauncherOptions, launch
-    from iddpm_core.sweep import SweepError, make_grid, run_sweep
+    from iddpm_core.sweep import run_sweep
+    from iddpm_core.sweep_grid import SweepError, make_grid
     from iddpm_core.sweep_spec import check_launcher, load_spec
 
     if status_dir is not None:
@@ -229,11 +230,11 @@ def sweep(ctx, spec_file, status_dir, widths, depths, ckpt_steps, flop_budgets, 
     only_names = [s.strip() for s in only.split(",") if s.strip()] if only else None
     opts = LauncherOptions(**{k: tuple(v) if k == "sbatch" else v for k, v in launch_d.items()})
     try:
-        from iddpm_core.sweep import select
+        from iddpm_core.sweep_grid import select
 
         runs = select(runs, only_names)
         if flop_budgets:
-            from iddpm_core.sweep import with_budget_steps
+            from iddpm_core.sweep_grid import with_budget_steps
 
             runs = with_budget_steps(runs, flop_budgets)
         if opts.name == "inline":

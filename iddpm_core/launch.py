@@ -38,8 +38,9 @@ from typing import Sequence
 
 from iddpm_core.io import write_text
 from iddpm_core.provenance import utc_now
-from iddpm_core.sweep import (RunSpec, SweepError, SweepResult, TABLE, _log, load_hook, merge_table,
-                              prepare, read_rows, run_done, run_one)
+from iddpm_core.sweep import (SweepResult, TABLE, _log, load_hook, merge_table, prepare, read_rows, run_done,
+                              run_one)
+from iddpm_core.sweep_grid import RunSpec, SweepError
 
 try:  # submitit is a dependency; the import is guarded so `iddpm-train run` works without it
     import submitit

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from iddpm_core.config import refuse_unknown
-from iddpm_core.sweep import RunSpec, SweepError, make_grid
+from iddpm_core.sweep_grid import RunSpec, SweepError, make_grid
 
 TOP_KEYS = ("name", "description", "grid", "model", "diffusion", "train", "eval", "launcher")
 # grid axis -> element type (int axes take integers, str axes strings)

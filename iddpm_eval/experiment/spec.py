@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from iddpm_core.config import refuse_unknown
-from iddpm_core.sweep import OBJECTIVES, RunSpec, SweepError, make_grid
+from iddpm_core.sweep_grid import OBJECTIVES, RunSpec, SweepError, make_grid
 from iddpm_core.sweep_spec import read_toml
 
 TOP = ("name", "kind", "description", "notes", "budget", "base", "rows", "grid", "orderings", "eval", "launcher",
