@@ -231,22 +231,9 @@ def sample_to_dir(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, num
             dist_utils.cleanup()
 
 
-def _sample_to_dir(checkpoint, out, num, steps, sampler, eta, seed, batch_size, quantize_mode, ema_rate, dev,
-                   progress, on_shard, precision="fp32") -> dict:
-    from iddpm_core.diffusion import build_diffusion
-
-    rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
-    sm = load_model(checkpoint, ema=ema_rate, device=dev)
-    sm.precision = precision
-    size, channels, num_classes = _model_dims(sm)
-    respacing = respacing_for(steps, sampler, sm.diffusion_config.steps)
-    settings = {"checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": file_sha256(checkpoint),
-                "checkpoint_step": sm.step, "ema_rate": sm.ema_rate, "num": num, "steps": steps,
-                "respacing": respacing, "sampler": sampler, "eta": eta, "seed": seed, "shard_size": batch_size,
-                "quantize": quantize_mode, "clip_denoised": True,
-                "image_shape": [size, size, channels], "class_conditional": bool(num_classes)}
-    if precision != "fp32":  # recorded only when not the default, so earlier fp32 folders still resume
-        settings["precision"] = precision
+def _check_settings(out: Path, settings: dict, rank: int) -> None:
+    """Rank 0 writes ``settings.json``, or compares it with the folder's: a rerun with other settings
+    (the checkpoint's path aside) is refused on every process, naming the settings that differ."""
     settings_path = out / "settings.json"
     error = None
     if rank == 0:
@@ -266,6 +253,45 @@ def _sample_to_dir(checkpoint, out, num, steps, sampler, eta, seed, batch_size, 
     error = dist_utils.broadcast_object(error)
     if error:
         raise ValueError(error)
+
+
+def _merge_shards(out: Path, paths: list, sizes: list, shape: tuple, has_labels: bool, settings: dict) -> None:
+    """``samples.npz`` (all shards in order, with the settings as ``meta``), ``samples.json`` and
+    ``grid.png`` from the shards, each checked first."""
+    images, labels = [], []
+    for path, n in zip(paths, sizes):
+        if not _shard_ok(path, n, shape, has_labels):
+            raise RuntimeError(f"{path} is missing or unreadable after sampling")
+        with np.load(path) as z:
+            images.append(z["arr_0"])
+            if has_labels:
+                labels.append(z["arr_1"])
+    arrays = {"arr_0": np.concatenate(images)}
+    if has_labels:
+        arrays["arr_1"] = np.concatenate(labels)
+    meta = json.dumps(settings, sort_keys=True)
+    save_npz(out / "samples.npz", **arrays, meta=np.array(meta))
+    write_text(out / "samples.json", json.dumps(settings, indent=2) + "\n")
+    save_png(out / "grid.png", make_grid(arrays["arr_0"][:64]), scale=grid_scale(shape[0]))
+
+
+def _sample_to_dir(checkpoint, out, num, steps, sampler, eta, seed, batch_size, quantize_mode, ema_rate, dev,
+                   progress, on_shard, precision="fp32") -> dict:
+    from iddpm_core.diffusion import build_diffusion
+
+    rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
+    sm = load_model(checkpoint, ema=ema_rate, device=dev)
+    sm.precision = precision
+    size, channels, num_classes = _model_dims(sm)
+    respacing = respacing_for(steps, sampler, sm.diffusion_config.steps)
+    settings = {"checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": file_sha256(checkpoint),
+                "checkpoint_step": sm.step, "ema_rate": sm.ema_rate, "num": num, "steps": steps,
+                "respacing": respacing, "sampler": sampler, "eta": eta, "seed": seed, "shard_size": batch_size,
+                "quantize": quantize_mode, "clip_denoised": True,
+                "image_shape": [size, size, channels], "class_conditional": bool(num_classes)}
+    if precision != "fp32":  # recorded only when not the default, so earlier fp32 folders still resume
+        settings["precision"] = precision
+    _check_settings(out, settings, rank)
 
     diffusion = build_diffusion(sm.diffusion_config, respacing)
     shard_dir = out / "shards"
@@ -292,20 +318,6 @@ def _sample_to_dir(checkpoint, out, num, steps, sampler, eta, seed, batch_size, 
                "shards_reused": n_shards - len(missing), "samples": str(out / "samples.npz"),
                "grid": str(out / "grid.png"), "settings": settings}
     if rank == 0:
-        images, labels = [], []
-        for k in range(n_shards):
-            if not _shard_ok(paths[k], sizes[k], shape, bool(num_classes)):
-                raise RuntimeError(f"{paths[k]} is missing or unreadable after sampling")
-            with np.load(paths[k]) as z:
-                images.append(z["arr_0"])
-                if num_classes:
-                    labels.append(z["arr_1"])
-        arrays = {"arr_0": np.concatenate(images)}
-        if num_classes:
-            arrays["arr_1"] = np.concatenate(labels)
-        meta = json.dumps(settings, sort_keys=True)
-        save_npz(out / "samples.npz", **arrays, meta=np.array(meta))
-        write_text(out / "samples.json", json.dumps(settings, indent=2) + "\n")
-        save_png(out / "grid.png", make_grid(arrays["arr_0"][:64]), scale=grid_scale(size))
+        _merge_shards(out, paths, sizes, shape, bool(num_classes), settings)
     dist_utils.barrier()
     return summary
