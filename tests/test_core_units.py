@@ -221,3 +221,38 @@ def test_sweep_rows_hooks_and_launcher_helpers(tmp_path):
     with pytest.raises(SweepError, match="unknown key"):
         read_toml(tmp_path / "s.toml", "spec", ["grid"])
     assert read_toml(tmp_path / "s.toml", "spec", ["grid", "other"])["grid"] == {"widths": [8]}
+
+
+def test_record_helpers_cifar_batches_and_image_lists(tmp_path):
+    import re
+
+    from iddpm_core.datasets import read_cifar_batch
+    from iddpm_core.image_files import list_image_files
+    from iddpm_core.provenance import canonical_json, utc_now
+
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", utc_now())
+    assert canonical_json({"b": 1, "a": [1.5, "é"]}) == '{"a":[1.5,"\\u00e9"],"b":1}'
+    data = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
+    (tmp_path / "data_batch_1").write_bytes(pickle.dumps({b"data": data, b"labels": [3, 7]}, protocol=2))
+    images, labels = read_cifar_batch(tmp_path / "data_batch_1")
+    assert np.array_equal(images, data) and labels.tolist() == [3, 7] and labels.dtype == np.int64
+    (tmp_path / "imgs" / "sub").mkdir(parents=True)
+    for name in ("imgs/b.png", "imgs/sub/a.jpg", "imgs/notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in list_image_files(tmp_path / "imgs")] == ["b.png", "a.jpg"]
+
+
+def test_eval_settings_check_and_job_records(tmp_path):
+    from iddpm_core.cli_sweep import check_eval_settings
+    from iddpm_core.launch import LauncherOptions, check_slurm, job_state, make_executor
+    from iddpm_core.sweep_grid import SweepError
+
+    assert check_eval_settings(None, {"fid_num": 1}) == {}
+    assert check_eval_settings("math:sqrt", {"fid_num": 1}) == {"fid_num": 1}  # no check_settings there
+    assert job_state(tmp_path, "w8_d1") == {}  # never submitted
+    ex = make_executor(tmp_path / "submitit", LauncherOptions(name="local"))
+    assert ex.cluster == "local" and str(ex.folder).startswith(str(tmp_path / "submitit"))
+    import shutil
+    if shutil.which("sbatch") is None:
+        with pytest.raises(SweepError, match="sbatch not found"):
+            check_slurm(LauncherOptions(name="slurm"))

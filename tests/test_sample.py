@@ -158,3 +158,13 @@ def test_sample_cli(ckpt, tmp_path):
     bad = CliRunner().invoke(sample_main, ["--checkpoint", str(ckpt), "--num", "3", "--steps", "500",
                                            "--out", str(tmp_path / "y")])
     assert bad.exit_code == 2 and "steps" in bad.output
+
+
+def test_sample_shard_is_one_shard_of_sample_images(ckpt):
+    from iddpm_core.sample import sample_shard
+
+    sm = load_model(ckpt)
+    diffusion = build_diffusion(sm.diffusion_config, "4")
+    imgs, labels = sample_shard(sm, diffusion, 2, seed=3, shard=1)
+    assert labels is None and imgs.shape == (2, 8, 8, 1) and imgs.dtype == np.uint8
+    assert np.array_equal(imgs, sample_images(ckpt, 6, steps=4, seed=3, batch_size=4, progress=False)[4:])

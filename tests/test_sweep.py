@@ -308,3 +308,20 @@ def test_cli_sweep_records_command_and_refuses_bad_flags(tmp_path, monkeypatch):
         assert r.exit_code == 2 and msg in r.output, (bad, r.output)
     # the default hook missing (iddpm_eval not installed) -> a warning, training columns only
     assert cli_sweep.resolve_hook("nomodule_xyz_123:evaluate", explicit=False) is None
+
+
+def test_one_job_prepare_run_one_run_done_and_merge_table(tmp_path):
+    """What one job does, step by step: prepare the folder, train and record one run, then the table."""
+    from iddpm_core.sweep import merge_table, prepare, read_rows, run_done, run_one
+
+    fake = FakeTrainer()
+    runs = sg.make_grid(tiny_base(), [8, 16], [1], [2, 4])
+    prepare(tmp_path, runs, None)
+    assert not run_done(tmp_path, runs[1], evaluated=False)
+    res = run_one(tmp_path, runs[1], progress=False, train_fn=fake)
+    assert run_done(tmp_path, runs[1], evaluated=False) and not run_done(tmp_path, runs[1], evaluated=True)
+    assert not run_done(tmp_path, runs[0], evaluated=False)
+    assert [c[1] for c in fake.calls] == [2, 4] and len(res.trained) == 2
+    rows = read_rows(merge_table(tmp_path, tmp_path / "copy.csv"))
+    assert [(r["run"], r["step"]) for r in rows] == [("w16_d1", "2"), ("w16_d1", "4")]
+    assert (tmp_path / "copy.csv").read_bytes() == (tmp_path / sw.TABLE).read_bytes()
