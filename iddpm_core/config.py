@@ -44,9 +44,7 @@ def refuse_unknown(given, known, where: str = "", error: type[Exception] = Value
 def _dataclass_from_dict(cls, d: dict, where: str):
     """Build dataclass ``cls`` from ``d``, refusing unknown keys; lists become tuples where the
     default is a tuple (JSON has no tuples)."""
-    if not isinstance(d, dict):
-        raise ValueError(f"{where}: expected a table of fields, got {type(d).__name__}")
-    refuse_unknown(d, {f.name for f in dataclasses.fields(cls)}, where, what="fields")
+    _check_keys(cls, d, where)
     kwargs = {}
     for k, v in d.items():
         if isinstance(v, list):

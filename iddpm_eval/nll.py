@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from iddpm_core.diffusion import GaussianDiffusion, mean_flat
 from iddpm_core.io import save_npz, write_text
-from iddpm_core.sample import seed_from
+from iddpm_core.seeding import seed_from
 
 IMAGES_CSV = "nll_images.csv"
 TERMS_CSV = "nll_terms.csv"
