@@ -186,13 +186,14 @@ def test_flop_budget_checkpoints_with_the_real_trainer(tmp_path):
     count in the sweep table: the checkpoint saved for budget C is the first whose training compute
     reaches C."""
     from iddpm_core import sweep as sw
+    from iddpm_core import sweep_grid as sg
     from iddpm_core.sweep_grid import training_flops_per_step
     from test_sweep import tiny_base
 
-    runs = sw.make_grid(tiny_base(), [8, 16], [1], [1])
+    runs = sg.make_grid(tiny_base(), [8, 16], [1], [1])
     per_step = {r.name: training_flops_per_step(r.config) for r in runs}
     budget = 2.5 * per_step["w16_d1"]  # step 3 of w16; w8 costs less per step, so it takes more steps
-    runs = sw.with_budget_steps(runs, [budget])
+    runs = sg.with_budget_steps(runs, [budget])
     sw.run_sweep(tmp_path, runs, None, progress=False)
     table = pd.read_csv(tmp_path / sw.TABLE)
     rows = budget_rows(table, [budget], rel_tol=1.0)

@@ -21,7 +21,7 @@ Format (every table but ``name``, ``kind`` and one of ``[[rows]]`` / ``[grid]`` 
 
     [[rows]]                      # one training run each ...
     name = "lin1k_simple"
-    objective = "simple"          # hybrid / simple / vlb (iddpm_core.sweep.OBJECTIVES)
+    objective = "simple"          # hybrid / simple / vlb (iddpm_core.sweep_grid.OBJECTIVES)
     steps = "short"               # checkpoint steps: an integer, a budget name, or an array of them
     diffusion = {steps = 1000, schedule = "linear"}   # model / diffusion / train tables override the base
     paper = {nll = 3.99, fid = 32.5}                  # free-form, for the report
