@@ -24,6 +24,10 @@ the per-process batch size, so gradients add up to the batch mean; processes the
 Logged values: ``loss``, ``mse`` and ``vb`` are importance-weighted means (unbiased estimates of
 their uniform-timestep means); ``loss_qk`` is the plain mean loss of the examples whose t lies in the
 k-th quarter of [0, T). Values are averaged over the logging interval and over processes.
+
+Code: :class:`TrainLoop` holds one run (set-up, resume, step, log, save, grid); the pieces of one
+optimiser step are in :mod:`iddpm_core.train_step`, the logs in :mod:`iddpm_core.train_logs`, the
+seeds and RNG states in :mod:`iddpm_core.seeding` and the resume rules in :mod:`iddpm_core.config`.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from iddpm_core.seeding import rng_state, seed_from, seed_process, set_rng_state
 from iddpm_core.train_step import build_optimizer, forward_backward, lr_at, optimizer_step
 
 LATEST = "latest.pt"
+
 
 # ----------------------------------------------------------------------------- small pieces
 
