@@ -105,7 +105,7 @@ from iddpm_core.io import write_text
 from iddpm_core.models import ModelConfig, build_model
 from iddpm_core.models.cost import count_parameters, forward_flops
 from iddpm_core.precision import autocast
-from iddpm_core.train import build_optimizer, forward_backward, optimizer_step
+from iddpm_core.train_step import build_optimizer, forward_backward, optimizer_step
 from iddpm_core.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -77,17 +78,46 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return ckpt
 
 
-def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu",
-               weights_only: bool = True) -> tuple[nn.Module, ModelConfig, dict]:
-    """Rebuild the model from the stored config, load its weights, put it in eval mode."""
-    ckpt = load_checkpoint(path, map_location, weights_only)
+@dataclass
+class SamplingModel:
+    """A model ready to sample: weights (EMA by default), its configs and where they came from."""
+
+    model: nn.Module
+    model_config: object
+    diffusion_config: object
+    ema_rate: float | None = None       # None = the raw (non-EMA) weights
+    step: int | None = None
+    path: str | None = None
+    info: dict = field(default_factory=dict)
+    precision: str = "fp32"             # "bf16": the forward passes under bfloat16 autocast
+
+
+def load_model(path: str | os.PathLike, ema: float | str | None = None,
+               device: str | torch.device = "cpu") -> SamplingModel:
+    """Rebuild the model of a training checkpoint from its stored configs, load the weights, put it
+    in eval mode on ``device``. ``ema``: None = the first EMA rate of the run (the raw weights when
+    the run kept no EMA), a rate such as 0.9999, or "raw" for the raw weights."""
+    from iddpm_core.diffusion import DiffusionConfig
+    from iddpm_core.ema import rate_key
+
+    ckpt = load_checkpoint(path, map_location="cpu")
+    if "diffusion_config" not in ckpt:
+        raise ValueError(f"{path}: checkpoint has no diffusion_config; it was not written by the trainer")
     try:
-        config = ModelConfig.from_dict(ckpt["model_config"])
-        model = build_model(config)
+        model_config = ModelConfig.from_dict(ckpt["model_config"])
+        diffusion_config = DiffusionConfig.from_dict(ckpt["diffusion_config"])
+        model = build_model(model_config)
     except (ValueError, TypeError, RuntimeError) as e:
         raise ValueError(f"{path}: stored model does not load ({e})") from e
-    load_weights(model, ckpt["model"], str(path))
-    if isinstance(map_location, (str, torch.device)):
-        model.to(map_location)
-    model.eval()
-    return model, config, ckpt
+    emas = ckpt.get("ema") or {}
+    if ema == "raw" or (ema is None and not emas):
+        state, rate = ckpt["model"], None
+    else:
+        key = next(iter(emas)) if ema is None else rate_key(float(ema))
+        if key not in emas:
+            raise ValueError(f"{path}: no EMA with rate {ema}; it holds {list(emas) or 'none'} (or use 'raw')")
+        state, rate = emas[key], float(key)
+    load_weights(model, state, f"{path}" + (f" (EMA {rate})" if rate is not None else ""))
+    model.to(device).eval()
+    return SamplingModel(model, model_config, diffusion_config, rate, ckpt.get("step"), str(path),
+                         {"images_seen": ckpt.get("images_seen"), "train_flops": ckpt.get("train_flops")})

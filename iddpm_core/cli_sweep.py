@@ -14,13 +14,14 @@ from __future__ import annotations
 
 
 import click
-from click.core import ParameterSource
 
+from iddpm_core.cli_config import (build_run_config, config_file_option, config_flags, config_options, explicit,
+                                   given_fields)
 from iddpm_core.provenance import command_line
 
 DEFAULT_HOOK = "iddpm_eval.sweep_eval:evaluate_checkpoint"
-# Flags of `iddpm-train run` that the sweep does not take (it sets them per run, or has its own).
-_NOT_SHARED = {"base_channels", "num_res_blocks", "steps", "out_dir", "resume", "progress"}
+# Run-config flags that the sweep does not take (it sets them per run).
+_NOT_SHARED = {"base_channels", "num_res_blocks", "steps"}
 
 
 def _int_list(ctx, param, value):
@@ -77,41 +78,12 @@ def check_eval_settings(hook: str | None, settings: dict) -> dict:
     return settings
 
 
-def _base_config(ctx, config_file, flags) -> dict:
-    """The base run config as in `iddpm-train run`: config file, then flags (all flags' defaults
-    without a file; only explicit flags over a file); image size and channels from the data."""
-    from iddpm_core.cli import FLAGS
-    from iddpm_core.config import RunConfig
-    from iddpm_core.train import complete_model_config
-
-    explicit = {k for k in flags if ctx.get_parameter_source(k) in (ParameterSource.COMMANDLINE,
-                                                                    ParameterSource.ENVIRONMENT)}
-    if config_file:
-        base = RunConfig.read_file(config_file)
-        use = explicit
-    else:
-        base = {"model": {}, "diffusion": {}, "train": {}}
-        use = set(flags) - ({"image_size", "in_channels", "attention_resolutions"} - explicit)
-    if not str(flags.get("channel_mult") or "").strip():
-        use.discard("channel_mult")  # empty = the default for the image size
-    for name in use:
-        section, field, conv = FLAGS[name]
-        base[section][field] = flags[name] if isinstance(flags[name], bool) else conv(flags[name])
-    base["model"].setdefault("base_channels", 32)  # placeholders; each run sets its own
-    complete_model_config(base)
-    return base
-
-
 EVAL_FLAGS = {"fid_num": "fid_num", "fid_steps": "fid_steps", "fid_sampler": "fid_sampler", "fid_ref": "fid_ref",
               "fid_ref_num": "fid_ref_num", "fid_bootstrap": "fid_bootstrap", "fid_mode": "fid_mode",
               "fid_weights": "fid_weights", "nll_num": "nll_num", "nll_estimate": "nll_estimate",
               "nll_data": "nll_data", "eval_seed": "seed"}
 LAUNCH_FLAGS = ("launcher", "max_parallel", "time", "partition", "account", "cpus_per_task", "gpus_per_task",
                 "sbatch", "wait")
-
-
-def _explicit(ctx, name) -> bool:
-    return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
 
 
 def _print_status(out_dir: str) -> None:
@@ -199,10 +171,7 @@ def _float_list(value, flag: str):
 @click.option("--only", default=None, help="Comma-separated run names (e.g. 'w32_d1') to do; others are left alone.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.pass_context
-def sweep(ctx, spec_file, status_dir, widths, depths, ckpt_steps, flop_budgets, out_dir, table_copy, eval_hook, fid_num, fid_steps,
-          fid_sampler, fid_ref, fid_ref_num, fid_bootstrap, fid_mode, fid_fd_inf, fid_weights, nll_num, nll_estimate, nll_data,
-          eval_seed, launcher, max_parallel, time, partition, account, cpus_per_task, gpus_per_task, sbatch, wait,
-          only, progress, config_file, **flags):
+def sweep(ctx, **p):
     """Train a grid of runs to each checkpoint step and evaluate every checkpoint (FID with a
     bootstrap interval, bits/dim with its standard error) into OUT/sweep.csv: one row per run and
     checkpoint with params, train_flops, images_seen, fid, nll, the config, the command line, the
@@ -210,73 +179,75 @@ def sweep(ctx, spec_file, status_dir, widths, depths, ckpt_steps, flop_budgets, 
     most --max-parallel at once) or `--launcher slurm`. Finished runs are skipped on rerun; a
     killed, cancelled or preempted job resumes from its last checkpoint. Fit the table with
     `iddpm-eval scaling OUT/sweep.csv`; `--status OUT` shows the jobs."""
-    from iddpm_core.config import RunConfig
     from iddpm_core.launch import LauncherOptions, launch
-    from iddpm_core.sweep import SweepError, make_grid, run_sweep
-    from iddpm_core.sweep_spec import check_launcher, load_spec
+    from iddpm_core.sweep import load_hook, run_sweep
+    from iddpm_core.sweep_grid import SweepError, select, with_budget_steps
 
-    if status_dir is not None:
-        _print_status(status_dir)
+    if p["status_dir"] is not None:
+        _print_status(p["status_dir"])
         return
-    if out_dir is None:
+    if p["out_dir"] is None:
         raise click.UsageError("--out is required (the sweep folder)")
     command = command_line()
-    eval_flags = dict(fid_num=fid_num, fid_steps=fid_steps, fid_sampler=fid_sampler, fid_ref=fid_ref,
-                      fid_ref_num=fid_ref_num, fid_bootstrap=fid_bootstrap, fid_mode=fid_mode, fid_weights=fid_weights,
-                      nll_num=nll_num, nll_estimate=nll_estimate, nll_data=nll_data, eval_seed=eval_seed)
     try:
-        if spec_file:
-            if widths or depths or ckpt_steps:
-                raise click.UsageError("--widths/--depths/--steps come from the spec's [grid] with --spec")
-            spec = load_spec(spec_file, _flag_overrides(ctx, flags))
-            runs, hook_spec, launch_d = spec.runs, spec.eval_hook, dict(spec.launcher)
-            hook_explicit = spec.eval_hook != "default"
-            settings = dict(spec.eval_settings)
-            settings.update({key: eval_flags[flag] for flag, key in EVAL_FLAGS.items() if _explicit(ctx, flag)})
-        else:
-            if not widths or not ckpt_steps:
-                raise click.UsageError("give --spec FILE, or --widths and --steps")
-            base = RunConfig.from_dict(_base_config(ctx, config_file, flags), where="command line")
-            runs = make_grid(base, widths, depths or (1,), ckpt_steps)
-            hook_spec, hook_explicit, launch_d = eval_hook, _explicit(ctx, "eval_hook"), {}
-            settings = {key: eval_flags[flag] for flag, key in EVAL_FLAGS.items()}
-        if fid_fd_inf:  # only when asked, so sweeps started before the setting existed keep their settings
-            settings["fid_fd_inf"] = True
-        if _explicit(ctx, "eval_hook"):
-            hook_spec, hook_explicit = eval_hook, True
-        given = {"name": launcher, "max_parallel": max_parallel, "time": time, "partition": partition,
-                 "account": account, "cpus_per_task": cpus_per_task, "gpus_per_task": gpus_per_task,
-                 "sbatch": list(sbatch), "wait": wait}
-        for k, v in given.items():
-            if _explicit(ctx, "launcher" if k == "name" else k):
-                launch_d[k] = v
-        launch_d = check_launcher("launcher options", launch_d)
+        runs, hook_spec, hook_explicit, launch_d, settings = _plan(ctx, p)
     except SweepError as exc:
         raise click.UsageError(str(exc)) from exc
     hook = resolve_hook(hook_spec, hook_explicit)
     settings = check_eval_settings(hook, settings)
-    only_names = [s.strip() for s in only.split(",") if s.strip()] if only else None
+    only_names = [s.strip() for s in p["only"].split(",") if s.strip()] if p["only"] else None
     opts = LauncherOptions(**{k: tuple(v) if k == "sbatch" else v for k, v in launch_d.items()})
+    common = dict(eval_settings=settings, eval_hook=hook, command=command, table_copy=p["table_copy"])
     try:
-        from iddpm_core.sweep import select
-
         runs = select(runs, only_names)
-        if flop_budgets:
-            from iddpm_core.sweep import with_budget_steps
-
-            runs = with_budget_steps(runs, flop_budgets)
+        if p["flop_budgets"]:
+            runs = with_budget_steps(runs, p["flop_budgets"])
         if opts.name == "inline":
-            from iddpm_core.sweep import load_hook
-
-            res = run_sweep(out_dir, runs, load_hook(hook), eval_settings=settings, eval_hook=hook,
-                            command=command, table_copy=table_copy, progress=progress)
+            res = run_sweep(p["out_dir"], runs, load_hook(hook), progress=p["progress"], **common)
         else:
-            res = launch(out_dir, runs, opts, eval_hook=hook, eval_settings=settings, command=command,
-                         table_copy=table_copy, echo=click.echo if progress else None)
+            res = launch(p["out_dir"], runs, opts, echo=click.echo if p["progress"] else None, **common)
     except (SweepError, ValueError, FileNotFoundError) as exc:
         raise click.UsageError(str(exc)) from exc
+    _report(res, opts.name, p["table_copy"])
+
+
+def _plan(ctx, p: dict) -> tuple:
+    """(runs, eval hook spec, whether the hook was chosen explicitly, launcher options, evaluation
+    settings) from the spec file or the grid flags, with explicit flags over the spec."""
+    from iddpm_core.config import RunConfig
+    from iddpm_core.sweep_grid import make_grid
+    from iddpm_core.sweep_spec import check_launcher, load_spec
+
+    flags = {k: v for k, v in p.items() if k in config_flags()}
+    eval_flags = {flag: p[flag] for flag in EVAL_FLAGS}
+    if p["spec_file"]:
+        if p["widths"] or p["depths"] or p["ckpt_steps"]:
+            raise click.UsageError("--widths/--depths/--steps come from the spec's [grid] with --spec")
+        spec = load_spec(p["spec_file"], given_fields(ctx, flags))
+        runs, hook_spec, launch_d = spec.runs, spec.eval_hook, dict(spec.launcher)
+        hook_explicit = spec.eval_hook != "default"
+        settings = dict(spec.eval_settings)
+        settings.update({key: eval_flags[flag] for flag, key in EVAL_FLAGS.items() if explicit(ctx, flag)})
+    else:
+        if not p["widths"] or not p["ckpt_steps"]:
+            raise click.UsageError("give --spec FILE, or --widths and --steps")
+        base = RunConfig.from_dict(build_run_config(ctx, flags, p["config_file"]), where="command line")
+        runs = make_grid(base, p["widths"], p["depths"] or (1,), p["ckpt_steps"])
+        hook_spec, hook_explicit, launch_d = p["eval_hook"], explicit(ctx, "eval_hook"), {}
+        settings = {key: eval_flags[flag] for flag, key in EVAL_FLAGS.items()}
+    if p["fid_fd_inf"]:  # only when asked, so sweeps started before the setting existed keep their settings
+        settings["fid_fd_inf"] = True
+    if explicit(ctx, "eval_hook"):
+        hook_spec, hook_explicit = p["eval_hook"], True
+    for flag in LAUNCH_FLAGS:
+        if explicit(ctx, flag):
+            launch_d["name" if flag == "launcher" else flag] = list(p[flag]) if flag == "sbatch" else p[flag]
+    return runs, hook_spec, hook_explicit, check_launcher("launcher options", launch_d), settings
+
+
+def _report(res, launcher: str, table_copy) -> None:
     click.echo(f"sweep table: {res.table} ({res.rows} rows)" + (f", copied to {table_copy}" if table_copy else ""))
-    if opts.name == "inline":
+    if launcher == "inline":
         click.echo(f"trained {len(res.trained)} segment(s), evaluated {len(res.evaluated)} checkpoint(s), "
                    f"{len(res.skipped)} run(s) already complete")
         return
@@ -287,24 +258,8 @@ def sweep(ctx, spec_file, status_dir, widths, depths, ckpt_steps, flop_budgets, 
                                    "them):\n  " + "\n  ".join(res.failed))
 
 
-def _flag_overrides(ctx, flags) -> dict:
-    """Explicit model / diffusion / training flags as {section: {field: value}} (over a spec)."""
-    from iddpm_core.cli import FLAGS
-
-    out: dict = {"model": {}, "diffusion": {}, "train": {}}
-    for name, value in flags.items():
-        if _explicit(ctx, name) and name in FLAGS:
-            section, field, conv = FLAGS[name]
-            out[section][field] = value if isinstance(value, bool) else conv(value)
-    return out
-
-
-# The model / diffusion / training flags of `iddpm-train run`, shared so the two stay in step.
-# Imported here, after `sweep` exists: iddpm_core.cli imports this module at its end to register
-# `sweep`, so either module may be imported first.
-from iddpm_core.cli import run as _run_cmd  # noqa: E402
-
-sweep.params.extend(p for p in _run_cmd.params if p.name not in _NOT_SHARED)
+sweep.params.append(config_file_option())
+sweep.params.extend(config_options(skip=_NOT_SHARED))
 
 
 if __name__ == "__main__":  # `python -m iddpm_core.cli_sweep ...` until `iddpm-train sweep` is registered

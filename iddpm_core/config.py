@@ -4,10 +4,15 @@ and resuming need no flags.
 
 A run config file is JSON (``.json``) or TOML (``.toml``) with up to three tables ``model``,
 ``diffusion`` and ``train``; missing fields take their defaults, unknown fields are refused.
+
+Also here: filling the model fields a run leaves to its data (:func:`complete_model_config`) and
+the rules for resuming (:func:`load_run_config`, :func:`check_resume_changes`,
+:func:`merge_resume_config`: only the train fields in ``RESUMABLE_FIELDS`` may change).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -16,6 +21,13 @@ from pathlib import Path
 from typing import Any
 
 SAMPLERS = ("uniform", "loss-second-moment")
+# Train-config fields that may change when a run is resumed; the others must match the checkpoint.
+RESUMABLE_FIELDS = ("steps", "log_interval", "sample_interval", "save_interval", "sample_num", "sample_steps",
+                    "device", "precision")
+
+
+class ResumeError(ValueError):
+    """A run cannot be resumed as asked; the message names the file or the fields."""
 
 
 def refuse_unknown(given, known, where: str = "", error: type[Exception] = ValueError, what: str = "keys") -> None:
@@ -32,9 +44,7 @@ def refuse_unknown(given, known, where: str = "", error: type[Exception] = Value
 def _dataclass_from_dict(cls, d: dict, where: str):
     """Build dataclass ``cls`` from ``d``, refusing unknown keys; lists become tuples where the
     default is a tuple (JSON has no tuples)."""
-    if not isinstance(d, dict):
-        raise ValueError(f"{where}: expected a table of fields, got {type(d).__name__}")
-    refuse_unknown(d, {f.name for f in dataclasses.fields(cls)}, where, what="fields")
+    _check_keys(cls, d, where)
     kwargs = {}
     for k, v in d.items():
         if isinstance(v, list):
@@ -51,27 +61,30 @@ class TrainConfig:
     """How to train. ``batch_size`` is per process (the global batch is batch_size x processes);
     ``microbatch`` splits it into chunks whose gradients are averaged (0 = no split)."""
 
-    data: str = "digits"                 # spec for iddpm_core.data.load_source
-    data_root: str | None = None         # folder holding Fashion-MNIST IDX files (None = Debian's)
-    flip: bool = False                   # random left-right flips
-    batch_size: int = 64
-    microbatch: int = 0
+    data: str = "digits"                 # digits, fashion-mnist:train, cifar10:train:FOLDER, an image folder
+                                         # or an .npz batch
+    data_root: str | None = None         # Folder of the Fashion-MNIST IDX files (None = Debian's)
+    flip: bool = False                   # Random left-right flips
+    batch_size: int = 64                 # Per process
+    microbatch: int = 0                  # 0 = no split
     lr: float = 1e-4
     weight_decay: float = 0.0
-    lr_warmup_steps: int = 0             # linear warm-up from 0 to lr (0 = constant lr)
-    ema_rates: tuple = (0.9999,)
+    lr_warmup_steps: int = 0             # Linear warm-up from 0 to lr (0 = constant lr)
+    ema_rates: tuple = (0.9999,)         # Comma-separated EMA rates
     ema_warmup: bool = False             # rate_k = min(rate, (1 + k) / (10 + k)) at update k
-    grad_clip: float = 0.0               # max global gradient norm (0 = no clipping)
-    timestep_sampler: str = "uniform"    # "uniform" or "loss-second-moment"
+    grad_clip: float = 0.0               # Max global gradient norm (0 = off)
+    timestep_sampler: str = "uniform"
     seed: int = 0
-    steps: int = 1000                    # train until this many optimiser steps in total
+    steps: int = 1000                    # Total optimiser steps (train until this many)
     log_interval: int = 10
-    sample_interval: int = 500           # grid of samples every this many steps (0 = never)
+    sample_interval: int = 500           # A grid of samples every this many steps (0 = only at the end)
     save_interval: int = 1000            # ckpt_<step>.pt every this many steps (0 = only at the end)
-    sample_num: int = 64                 # images in the grid
-    sample_steps: str = "50"             # respacing of the grid's sampler; "ddimK" samples with DDIM
+    sample_num: int = 64                 # Images in the grid
+    sample_steps: str = "50"             # Grid sampler steps; 'ddimK' samples with DDIM
     device: str = "auto"                 # "auto" (cuda if present), "cpu", "cuda", "cuda:1", ...
-    precision: str = "fp32"              # "bf16": the model's forward under bfloat16 autocast
+    precision: str = "fp32"              # bf16: the network under bfloat16 autocast (off by default: it was
+                                         # slower than fp32 on an AVX-512-BF16 CPU without AMX; see
+                                         # benchmarks/train_sample.py)
 
     def __post_init__(self):
         self.ema_rates = tuple(float(r) for r in (self.ema_rates if isinstance(self.ema_rates, (list, tuple))
@@ -216,3 +229,69 @@ def _check_keys(cls, d, where):
     if not isinstance(d, dict):
         raise ValueError(f"{where}: expected a table of fields, got {type(d).__name__}")
     refuse_unknown(d, {f.name for f in dataclasses.fields(cls)}, where, what="fields")
+
+
+# ----------------------------------------------------------------------------- completing and resuming
+
+def complete_model_config(d: dict) -> dict:
+    """Fill a run-config dict's missing model fields from the data: ``image_size`` and ``in_channels``
+    from the images' shape; ``attention_resolutions`` = (16,) when the model has a 16-pixel level, else
+    the largest level below 16 that is not the full image (none for a one-level model). In place."""
+    model, train_d = d.setdefault("model", {}), d.setdefault("train", {})
+    if "image_size" not in model or "in_channels" not in model:
+        from iddpm_core.data import load_source
+
+        tcfg = TrainConfig.from_dict(train_d)
+        h, w, c = load_source(tcfg.data, root=tcfg.data_root).shape
+        if h != w:
+            raise ValueError(f"data {tcfg.data!r} holds {h}x{w} images; the models need square images")
+        model.setdefault("image_size", int(h))
+        model.setdefault("in_channels", int(c))
+    if "attention_resolutions" not in model:
+        probe = _model_config_cls().from_dict({k: v for k, v in model.items() if k != "attention_resolutions"}
+                                              | {"attention_resolutions": ()})
+        levels = probe.resolutions()
+        below = [r for r in levels if r <= 16 and r != probe.image_size]
+        model["attention_resolutions"] = [16] if 16 in levels else ([max(below)] if below else [])
+    return d
+
+
+def _plain(v):
+    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def check_resume_changes(stored: dict, given: dict) -> None:
+    """Refuse, naming each setting with both values, every field of ``given`` ({section: {field:
+    value}}, possibly partial) that differs from the run-config dict ``stored`` of the checkpoint,
+    except the train fields in RESUMABLE_FIELDS."""
+    diffs = []
+    for section in ("model", "diffusion", "train"):
+        for k, v in sorted((given.get(section) or {}).items()):
+            old = (stored.get(section) or {}).get(k)
+            if not (section == "train" and k in RESUMABLE_FIELDS) and _plain(old) != _plain(v):
+                diffs.append(f"{section}.{k} (checkpoint {_plain(old)!r}, given {_plain(v)!r})")
+    if diffs:
+        raise ResumeError(f"cannot resume with a different config: {', '.join(diffs)} differ from the "
+                          f"checkpoint (only train.{', train.'.join(RESUMABLE_FIELDS)} may change)")
+
+
+def merge_resume_config(stored: RunConfig, given: RunConfig | None) -> RunConfig:
+    """The config of a resumed run: the stored one, with the given train fields in RESUMABLE_FIELDS.
+    Any other difference is refused, naming the fields."""
+    if given is None:
+        return stored
+    check_resume_changes(stored.to_dict(), given.to_dict())
+    merged = copy.deepcopy(stored)
+    for k in RESUMABLE_FIELDS:
+        setattr(merged.train, k, getattr(given.train, k))
+    merged.train.validate()
+    return merged
+
+
+def load_run_config(ckpt: dict, where: str) -> RunConfig:
+    """The run config stored in a trainer checkpoint (``where`` names it in errors)."""
+    for key in ("diffusion_config", "train_config"):
+        if key not in ckpt:
+            raise ResumeError(f"{where}: checkpoint has no {key}; it was not written by the trainer")
+    return RunConfig.from_dict({"model": ckpt["model_config"], "diffusion": ckpt["diffusion_config"],
+                                "train": ckpt["train_config"]}, where=where)

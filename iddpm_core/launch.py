@@ -38,8 +38,9 @@ from typing import Sequence
 
 from iddpm_core.io import write_text
 from iddpm_core.provenance import utc_now
-from iddpm_core.sweep import (RunSpec, SweepError, SweepResult, TABLE, _log, load_hook, merge_table,
-                              prepare, read_rows, run_done, run_one)
+from iddpm_core.sweep import (SweepResult, TABLE, _log, load_hook, merge_table, prepare, read_rows, run_done,
+                              run_one)
+from iddpm_core.sweep_grid import RunSpec, SweepError
 
 try:  # submitit is a dependency; the import is guarded so `iddpm-train run` works without it
     import submitit
@@ -271,6 +272,49 @@ class _Pending:
     rec: dict = field(default_factory=dict)
 
 
+def _triage(out: Path, runs: Sequence[RunSpec], evaluated: bool, res: SweepResult) -> list[_Pending]:
+    """The runs to submit: neither finished (added to ``res.skipped``) nor held by a live job
+    (added to ``res.busy``)."""
+    todo = []
+    for run in runs:
+        if run_done(out, run, evaluated):
+            res.skipped.append(run.name)
+            continue
+        st = job_state(out, run.name)
+        if st and is_live(st["state"]):
+            res.busy.append(f"{run.name} (job {st['job_id']} {st['state']})")
+            continue
+        todo.append(_Pending(run))
+    return todo
+
+
+def _submit(out: Path, todo: list[_Pending], opts: LauncherOptions, job_of, submitted, wait: bool,
+            poll_s: float) -> None:
+    """Slurm: every job in one array, then (when waiting) poll until none is live. Local: at most
+    ``max_parallel`` jobs at once, each submitted as a slot frees."""
+    ex = make_executor(out / "submitit", opts)
+    if opts.name == "slurm":
+        with ex.batch():
+            for p in todo:
+                p.job = ex.submit(job_of(p))
+        for p in todo:
+            submitted(p)
+        while wait and any(is_live(job_state(out, p.run.name)["state"]) for p in todo):
+            time.sleep(poll_s)
+        return
+    limit = opts.max_parallel or 1
+    queue, running = list(todo), []
+    while queue or running:
+        running = [p for p in running if not p.job.done()]
+        while queue and len(running) < limit:
+            p = queue.pop(0)
+            p.job = ex.submit(job_of(p))
+            submitted(p)
+            running.append(p)
+        if running:
+            time.sleep(poll_s)
+
+
 def launch(out_dir: str | os.PathLike, runs: Sequence[RunSpec], opts: LauncherOptions, *, eval_hook: str | None,
            eval_settings: dict | None, command: str = "", table_copy: str | None = None,
            poll_s: float = 1.0, echo=None) -> SweepResult:
@@ -283,21 +327,11 @@ def launch(out_dir: str | os.PathLike, runs: Sequence[RunSpec], opts: LauncherOp
     if eval_hook is not None:
         load_hook(eval_hook)  # importable here, so the jobs can import it too
     res = SweepResult(str(out), str(out / TABLE), 0)
-    todo = []
-    for run in runs:
-        if run_done(out, run, evaluated):
-            res.skipped.append(run.name)
-            continue
-        st = job_state(out, run.name)
-        if st and is_live(st["state"]):
-            res.busy.append(f"{run.name} (job {st['job_id']} {st['state']})")
-            continue
-        todo.append(_Pending(run))
+    todo = _triage(out, runs, evaluated, res)
     if opts.name == "slurm" and todo:
         check_slurm(opts)
     wait = opts.wait if opts.wait is not None else opts.name == "local"
     threads = opts.resolved_threads()
-    ex = make_executor(out / "submitit", opts) if todo else None
 
     def job_of(p: _Pending) -> RunJob:
         return RunJob(str(out), p.run, eval_hook, dict(eval_settings or {}), command, table_copy, threads)
@@ -308,26 +342,8 @@ def launch(out_dir: str | os.PathLike, runs: Sequence[RunSpec], opts: LauncherOp
         if echo:
             echo(f"submitted {p.run.name} as {opts.name} job {p.rec['job_id']} (log {p.rec['stdout']})")
 
-    if opts.name == "slurm" and todo:
-        with ex.batch():
-            for p in todo:
-                p.job = ex.submit(job_of(p))
-        for p in todo:
-            submitted(p)
-        while wait and any(is_live(job_state(out, p.run.name)["state"]) for p in todo):
-            time.sleep(poll_s)
-    else:  # local: at most max_parallel at once
-        limit = opts.max_parallel or 1
-        queue, running = list(todo), []
-        while queue or running:
-            running = [p for p in running if not p.job.done()]
-            while queue and len(running) < limit:
-                p = queue.pop(0)
-                p.job = ex.submit(job_of(p))
-                submitted(p)
-                running.append(p)
-            if running:
-                time.sleep(poll_s)
+    if todo:
+        _submit(out, todo, opts, job_of, submitted, wait, poll_s)
     if wait:
         for p in todo:
             st = job_state(out, p.run.name)

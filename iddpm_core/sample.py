@@ -16,7 +16,6 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -26,20 +25,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from iddpm_core import distributed as dist_utils
+from iddpm_core.checkpoint import SamplingModel, load_model
 from iddpm_core.io import atomic_path, check_writable, file_sha256, save_npz, write_text
 from iddpm_core.precision import check_precision, with_precision
+from iddpm_core.seeding import seed_from
 
 SAMPLERS = ("ddpm", "ddim")
 QUANTIZE = ("round", "truncate")
-
-
-def seed_from(*values: int) -> int:
-    """A well-mixed 63-bit seed from non-negative integers (numpy's SeedSequence)."""
-    vals = [int(v) for v in values]
-    if any(v < 0 for v in vals):
-        raise ValueError(f"seeds must be non-negative integers, got {vals}")
-    state = np.random.SeedSequence(vals).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
 
 
 def quantize(x: torch.Tensor, mode: str = "round") -> np.ndarray:
@@ -63,57 +55,6 @@ def respacing_for(steps: int | None, sampler: str, total: int) -> str:
     return f"ddim{int(steps)}" if sampler == "ddim" else str(int(steps))
 
 
-# ----------------------------------------------------------------------------- loading
-
-@dataclass
-class SamplingModel:
-    """A model ready to sample: weights (EMA by default), its configs and where they came from."""
-
-    model: nn.Module
-    model_config: object
-    diffusion_config: object
-    ema_rate: float | None = None       # None = the raw (non-EMA) weights
-    step: int | None = None
-    path: str | None = None
-    info: dict = field(default_factory=dict)
-    precision: str = "fp32"             # "bf16": the forward passes under bfloat16 autocast
-
-
-def load_for_sampling(path: str | os.PathLike, ema_rate: float | str | None = None,
-                      device: str | torch.device = "cpu") -> SamplingModel:
-    """Load a training checkpoint for sampling. ``ema_rate``: None = the first EMA rate of the run
-    (the raw weights when the run kept no EMA), a rate such as 0.9999, or "raw" for the raw weights."""
-    from iddpm_core.checkpoint import load_checkpoint, load_weights
-    from iddpm_core.diffusion import DiffusionConfig
-    from iddpm_core.ema import rate_key
-    from iddpm_core.models import ModelConfig, build_model
-
-    ckpt = load_checkpoint(path, map_location="cpu")
-    if "diffusion_config" not in ckpt:
-        raise ValueError(f"{path}: checkpoint has no diffusion_config; it was not written by the trainer")
-    model_config = ModelConfig.from_dict(ckpt["model_config"])
-    diffusion_config = DiffusionConfig.from_dict(ckpt["diffusion_config"])
-    model = build_model(model_config)
-    emas = ckpt.get("ema") or {}
-    if ema_rate == "raw":
-        state, rate = ckpt["model"], None
-    elif ema_rate is None:
-        if emas:
-            key = next(iter(emas))
-            state, rate = emas[key], float(key)
-        else:
-            state, rate = ckpt["model"], None
-    else:
-        key = rate_key(float(ema_rate))
-        if key not in emas:
-            raise ValueError(f"{path}: no EMA with rate {ema_rate}; it holds {list(emas) or 'none'} (or use 'raw')")
-        state, rate = emas[key], float(key)
-    load_weights(model, state, f"{path}" + (f" (EMA {rate})" if rate is not None else ""))
-    model.to(device).eval()
-    return SamplingModel(model, model_config, diffusion_config, rate, ckpt.get("step"), str(path),
-                         {"images_seen": ckpt.get("images_seen"), "train_flops": ckpt.get("train_flops")})
-
-
 def _resolve(checkpoint_or_model, diffusion_config, ema_rate, device) -> SamplingModel:
     if isinstance(checkpoint_or_model, SamplingModel):
         sm = checkpoint_or_model
@@ -122,7 +63,7 @@ def _resolve(checkpoint_or_model, diffusion_config, ema_rate, device) -> Samplin
             raise ValueError("sampling from a model object needs diffusion_config")
         sm = SamplingModel(checkpoint_or_model, getattr(checkpoint_or_model, "config", None), diffusion_config)
     else:
-        sm = load_for_sampling(checkpoint_or_model, ema_rate=ema_rate, device=device or "cpu")
+        sm = load_model(checkpoint_or_model, ema=ema_rate, device=device or "cpu")
     if device is not None:
         sm.model.to(device)
     return sm
@@ -290,22 +231,9 @@ def sample_to_dir(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, num
             dist_utils.cleanup()
 
 
-def _sample_to_dir(checkpoint, out, num, steps, sampler, eta, seed, batch_size, quantize_mode, ema_rate, dev,
-                   progress, on_shard, precision="fp32") -> dict:
-    from iddpm_core.diffusion import build_diffusion
-
-    rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
-    sm = load_for_sampling(checkpoint, ema_rate=ema_rate, device=dev)
-    sm.precision = precision
-    size, channels, num_classes = _model_dims(sm)
-    respacing = respacing_for(steps, sampler, sm.diffusion_config.steps)
-    settings = {"checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": file_sha256(checkpoint),
-                "checkpoint_step": sm.step, "ema_rate": sm.ema_rate, "num": num, "steps": steps,
-                "respacing": respacing, "sampler": sampler, "eta": eta, "seed": seed, "shard_size": batch_size,
-                "quantize": quantize_mode, "clip_denoised": True,
-                "image_shape": [size, size, channels], "class_conditional": bool(num_classes)}
-    if precision != "fp32":  # recorded only when not the default, so earlier fp32 folders still resume
-        settings["precision"] = precision
+def _check_settings(out: Path, settings: dict, rank: int) -> None:
+    """Rank 0 writes ``settings.json``, or compares it with the folder's: a rerun with other settings
+    (the checkpoint's path aside) is refused on every process, naming the settings that differ."""
     settings_path = out / "settings.json"
     error = None
     if rank == 0:
@@ -325,6 +253,45 @@ def _sample_to_dir(checkpoint, out, num, steps, sampler, eta, seed, batch_size, 
     error = dist_utils.broadcast_object(error)
     if error:
         raise ValueError(error)
+
+
+def _merge_shards(out: Path, paths: list, sizes: list, shape: tuple, has_labels: bool, settings: dict) -> None:
+    """``samples.npz`` (all shards in order, with the settings as ``meta``), ``samples.json`` and
+    ``grid.png`` from the shards, each checked first."""
+    images, labels = [], []
+    for path, n in zip(paths, sizes):
+        if not _shard_ok(path, n, shape, has_labels):
+            raise RuntimeError(f"{path} is missing or unreadable after sampling")
+        with np.load(path) as z:
+            images.append(z["arr_0"])
+            if has_labels:
+                labels.append(z["arr_1"])
+    arrays = {"arr_0": np.concatenate(images)}
+    if has_labels:
+        arrays["arr_1"] = np.concatenate(labels)
+    meta = json.dumps(settings, sort_keys=True)
+    save_npz(out / "samples.npz", **arrays, meta=np.array(meta))
+    write_text(out / "samples.json", json.dumps(settings, indent=2) + "\n")
+    save_png(out / "grid.png", make_grid(arrays["arr_0"][:64]), scale=grid_scale(shape[0]))
+
+
+def _sample_to_dir(checkpoint, out, num, steps, sampler, eta, seed, batch_size, quantize_mode, ema_rate, dev,
+                   progress, on_shard, precision="fp32") -> dict:
+    from iddpm_core.diffusion import build_diffusion
+
+    rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
+    sm = load_model(checkpoint, ema=ema_rate, device=dev)
+    sm.precision = precision
+    size, channels, num_classes = _model_dims(sm)
+    respacing = respacing_for(steps, sampler, sm.diffusion_config.steps)
+    settings = {"checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": file_sha256(checkpoint),
+                "checkpoint_step": sm.step, "ema_rate": sm.ema_rate, "num": num, "steps": steps,
+                "respacing": respacing, "sampler": sampler, "eta": eta, "seed": seed, "shard_size": batch_size,
+                "quantize": quantize_mode, "clip_denoised": True,
+                "image_shape": [size, size, channels], "class_conditional": bool(num_classes)}
+    if precision != "fp32":  # recorded only when not the default, so earlier fp32 folders still resume
+        settings["precision"] = precision
+    _check_settings(out, settings, rank)
 
     diffusion = build_diffusion(sm.diffusion_config, respacing)
     shard_dir = out / "shards"
@@ -351,20 +318,6 @@ def _sample_to_dir(checkpoint, out, num, steps, sampler, eta, seed, batch_size, 
                "shards_reused": n_shards - len(missing), "samples": str(out / "samples.npz"),
                "grid": str(out / "grid.png"), "settings": settings}
     if rank == 0:
-        images, labels = [], []
-        for k in range(n_shards):
-            if not _shard_ok(paths[k], sizes[k], shape, bool(num_classes)):
-                raise RuntimeError(f"{paths[k]} is missing or unreadable after sampling")
-            with np.load(paths[k]) as z:
-                images.append(z["arr_0"])
-                if num_classes:
-                    labels.append(z["arr_1"])
-        arrays = {"arr_0": np.concatenate(images)}
-        if num_classes:
-            arrays["arr_1"] = np.concatenate(labels)
-        meta = json.dumps(settings, sort_keys=True)
-        save_npz(out / "samples.npz", **arrays, meta=np.array(meta))
-        write_text(out / "samples.json", json.dumps(settings, indent=2) + "\n")
-        save_png(out / "grid.png", make_grid(arrays["arr_0"][:64]), scale=grid_scale(size))
+        _merge_shards(out, paths, sizes, shape, bool(num_classes), settings)
     dist_utils.barrier()
     return summary

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from iddpm_core.config import refuse_unknown
-from iddpm_core.sweep import RunSpec, SweepError, make_grid
+from iddpm_core.sweep_grid import RunSpec, SweepError, make_grid
 
 TOP_KEYS = ("name", "description", "grid", "model", "diffusion", "train", "eval", "launcher")
 # grid axis -> element type (int axes take integers, str axes strings)
@@ -175,7 +175,7 @@ def load_spec(path: str | os.PathLike, base_overrides: dict | None = None) -> Sw
     from iddpm_core.config import RunConfig, TrainConfig
     from iddpm_core.diffusion.config import DiffusionConfig
     from iddpm_core.models import ModelConfig
-    from iddpm_core.train import complete_model_config
+    from iddpm_core.config import complete_model_config
 
     path = Path(path)
     where = str(path)

@@ -143,9 +143,9 @@ def denoising_of_checkpoint(checkpoint: str, data: str, num: int = 500, sigmas=D
     images of ``data`` (e.g. ``fashion-mnist:test``: held out from training)."""
     from iddpm_core.data import load_source
     from iddpm_core.diffusion import build_diffusion
-    from iddpm_core.sample import load_for_sampling
+    from iddpm_core.checkpoint import load_model
 
-    sm = load_for_sampling(checkpoint, ema_rate=ema_rate)
+    sm = load_model(checkpoint, ema=ema_rate)
     src = load_source(data)
     n = min(int(num), len(src))
     if n < 2:

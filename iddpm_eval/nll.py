@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from iddpm_core.diffusion import GaussianDiffusion, mean_flat
 from iddpm_core.io import save_npz, write_text
-from iddpm_core.sample import seed_from
+from iddpm_core.seeding import seed_from
 
 IMAGES_CSV = "nll_images.csv"
 TERMS_CSV = "nll_terms.csv"
@@ -440,10 +440,10 @@ def load(checkpoint: str | os.PathLike, ema: str | float | None = None, device: 
     """Load a training checkpoint (EMA weights by default; ``ema="raw"`` for the raw weights) and
     build its full diffusion (no respacing)."""
     from iddpm_core.diffusion import build_diffusion
-    from iddpm_core.sample import load_for_sampling
+    from iddpm_core.checkpoint import load_model
     from iddpm_core.provenance import file_sha256
 
-    sm = load_for_sampling(checkpoint, ema_rate=ema, device=device)
+    sm = load_model(checkpoint, ema=ema, device=device)
     diffusion = build_diffusion(sm.diffusion_config, respacing="")
     return Loaded(sm.model, diffusion, sm.model_config, str(checkpoint), file_sha256(checkpoint), sm.ema_rate,
                   sm.step, sm.info)

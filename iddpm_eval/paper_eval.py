@@ -63,9 +63,9 @@ def _split(run_info: dict) -> tuple[dict, dict]:
 
 
 def _variant_model(checkpoint: str, variant: str, device):
-    from iddpm_core.sample import load_for_sampling
+    from iddpm_core.checkpoint import load_model
 
-    sm = load_for_sampling(checkpoint, device=device or "cpu")
+    sm = load_model(checkpoint, device=device or "cpu")
     if variant.startswith("ddpm-"):
         sm.diffusion_config = dataclasses.replace(sm.diffusion_config, var_type=variant.split("-", 1)[1])
     return sm, ("ddim" if variant == "ddim" else "ddpm")
@@ -106,11 +106,11 @@ def gradient_noise_of_checkpoint(checkpoint: str, data: str, data_root, mine: di
     from iddpm_core.data import load_source, to_model_range
     from iddpm_core.diffusion import build_diffusion, create_sampler
     from iddpm_core.diffusion.config import DiffusionConfig
-    from iddpm_core.sample import load_for_sampling
+    from iddpm_core.checkpoint import load_model
     from iddpm_eval import gradient_noise
 
     ck = load_checkpoint(checkpoint)
-    sm = load_for_sampling(checkpoint, ema_rate="raw")
+    sm = load_model(checkpoint, ema="raw")
     dcfg = DiffusionConfig.from_dict(ck["diffusion_config"])
     diffusion = build_diffusion(dcfg)
     tsampler = create_sampler(ck["train_config"]["timestep_sampler"], diffusion.num_timesteps)

@@ -20,29 +20,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from iddpm_core.data import check_images
+
 MODES = ("legacy-tf", "clean")
 SIZE = 299
-
-
-def check_images(images, name: str = "images") -> np.ndarray:
-    """Validate a uint8 batch and return it as (N, H, W, C) with C in {1, 3}.
-
-    Accepts (N, H, W) as grayscale. Raises ValueError naming the offending shape or dtype.
-    """
-    if isinstance(images, torch.Tensor):
-        images = images.detach().cpu().numpy()
-    if not isinstance(images, np.ndarray):
-        raise ValueError(f"{name}: expected a numpy uint8 array (N, H, W, C), got {type(images).__name__}")
-    if images.dtype != np.uint8:
-        raise ValueError(f"{name}: expected dtype uint8 (values 0..255), got {images.dtype} with shape "
-                         f"{images.shape}; convert with ((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8)")
-    if images.ndim == 3:
-        images = images[..., None]
-    if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"{name}: expected shape (N, H, W, C) with C in {{1, 3}} (NHWC), got {images.shape}")
-    if images.shape[1] < 1 or images.shape[2] < 1:
-        raise ValueError(f"{name}: empty images of shape {images.shape}")
-    return images
 
 
 def _tf_axis(in_size: int, out_size: int):

@@ -27,7 +27,7 @@ def fid_by_sampling_steps(checkpoint: str, out_dir: str | Path, steps=DEFAULT_ST
     :data:`iddpm_eval.sweep_eval.DEFAULTS` (fid_num, fid_bootstrap, fid_ref, ...); ``data``: the
     reference set when ``fid_ref`` is not given."""
     from iddpm_core.models.cost import forward_flops
-    from iddpm_core.sample import load_for_sampling
+    from iddpm_core.checkpoint import load_model
     from iddpm_eval import sweep_eval
 
     for k in ("fid_steps", "fid_sampler"):
@@ -36,7 +36,7 @@ def fid_by_sampling_steps(checkpoint: str, out_dir: str | Path, steps=DEFAULT_ST
     for sampler in samplers:
         if sampler not in DEFAULT_SAMPLERS:
             raise ValueError(f"sampler must be one of {DEFAULT_SAMPLERS}, got {sampler!r}")
-    sm = load_for_sampling(checkpoint, ema_rate=(eval_settings or {}).get("ema_rate"))
+    sm = load_model(checkpoint, ema=(eval_settings or {}).get("ema_rate"))
     T = int(sm.diffusion_config.steps)
     model = sm.model
     is_cunet = hasattr(model, "set_solver")

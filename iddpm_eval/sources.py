@@ -73,12 +73,13 @@ class CheckpointSource(ImageSource):
     def __init__(self, path: str | os.PathLike, num: int, seed: int = 0, batch_size: int = 64,
                  steps: int | None = None, sampler: str = "ddpm", device: str | None = None):
         from iddpm_core.diffusion import build_diffusion
-        from iddpm_core.sample import load_for_sampling, respacing_for
+        from iddpm_core.checkpoint import load_model
+        from iddpm_core.sample import respacing_for
 
         if num is None or num < 2:
             raise DataError(f"{path}: sampling from a checkpoint needs --num (at least 2 images)")
         try:
-            self.sm = load_for_sampling(path, device=device or "cpu")
+            self.sm = load_model(path, device=device or "cpu")
         except (ValueError, KeyError, RuntimeError, OSError) as exc:
             raise DataError(f"cannot load checkpoint {path}: {exc}") from exc
         cfg = self.sm.model_config

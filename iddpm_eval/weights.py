@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from iddpm_core.checkpoint import torch_load_reason
 from iddpm_core.io import file_sha256  # noqa: F401  (re-exported: weights.file_sha256)
 
 ENV_VAR = "IDDPM_FID_WEIGHTS"
@@ -186,9 +187,8 @@ def load_nvidia_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: not Inception-2015-12-05 weights in NVIDIA TorchScript or torch-fidelity "
                          f".pth layout (not a tensor file that loads without running code)") from None
     except (RuntimeError, ValueError, KeyError, zipfile.BadZipFile, EOFError, OSError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"{path}: not Inception-2015-12-05 weights in NVIDIA TorchScript or "
-                         f"torch-fidelity .pth layout ({reason})") from None
+                         f"torch-fidelity .pth layout ({torch_load_reason(exc)})") from None
     state = {k: v.detach().to(torch.float32).contiguous() for k, v in state.items()}
     names = conv_name_map()
     missing = [f"{n}.{p}" for n in names for p in ("weight", "beta", "mean", "var") if f"{n}.{p}" not in state]

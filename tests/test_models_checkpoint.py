@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from iddpm_core.checkpoint import load_checkpoint, load_model, save_checkpoint
+from iddpm_core.diffusion import DiffusionConfig
 from iddpm_core.models import ModelConfig, build_model
 from helpers import randomize_
 
@@ -31,8 +32,10 @@ def test_saved_and_loaded_model_reproduces_output_exactly(tmp_path, config):
     with torch.no_grad():
         want = model(x, t, y)
     path = tmp_path / "ckpt" / "model.pt"
-    save_checkpoint(path, model, config, step=12, ema_rate=0.9999, note={"a": [1, 2]})
-    loaded, cfg, ckpt = load_model(path)
+    save_checkpoint(path, model, config, step=12, ema_rate=0.9999, note={"a": [1, 2]},
+                    diffusion_config=DiffusionConfig().to_dict())  # load_model reads trainer checkpoints
+    sm = load_model(path)
+    loaded, cfg, ckpt = sm.model, sm.model_config, load_checkpoint(path)
     assert cfg == config
     assert ckpt["step"] == 12 and ckpt["ema_rate"] == 0.9999 and ckpt["note"] == {"a": [1, 2]}
     assert ckpt["format"] == "iddpm-checkpoint" and ckpt["version"] == 1
@@ -72,3 +75,17 @@ def test_missing_and_corrupt_files_name_the_file(tmp_path):
         load_model(truncated)
     with pytest.raises(ValueError, match="reserved"):
         save_checkpoint(tmp_path / "x.pt", model, CONFIGS[0], format="other")
+
+
+def test_torch_load_reason_is_one_line_without_the_weights_only_advice(tmp_path):
+    from iddpm_core.checkpoint import torch_load_reason
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"f": object()}, evil)  # an object weights_only refuses to build
+    with pytest.raises(Exception) as info:
+        torch.load(evil, weights_only=True)
+    reason = torch_load_reason(info.value)
+    assert reason.startswith(type(info.value).__name__ + ": ")
+    assert "\n" not in reason and "weights_only" not in reason
+    assert torch_load_reason(RuntimeError("first part. second part")) == "RuntimeError: first part"
+    assert torch_load_reason(EOFError()) == "EOFError"

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from iddpm_core import sweep as sw
+from iddpm_core import sweep_grid as sg
 from test_sweep import FakeTrainer, tiny_base
 
 
@@ -17,7 +18,7 @@ def test_sweep_hook_precision_recall_equals_prdc_on_the_fid_features(tmp_path):
     from iddpm_eval import sources, sweep_eval
     from iddpm_eval.prdc import compute_prdc
 
-    runs = sw.make_grid(tiny_base(), [8], [1], [2])
+    runs = sg.make_grid(tiny_base(), [8], [1], [2])
     settings = {"fid_num": 12, "fid_ref_num": 14, "fid_steps": 3, "fid_bootstrap": 0, "fid_pr": 1, "nll_num": 0,
                 "seed": 3}
     sw.run_sweep(tmp_path, runs, sweep_eval.evaluate_checkpoint, eval_settings=settings, train_fn=FakeTrainer(),
@@ -38,10 +39,11 @@ def test_sweep_hook_precision_recall_equals_prdc_on_the_fid_features(tmp_path):
 def test_sampling_steps_cells_sample_with_the_named_variance_and_resume(tmp_path):
     import dataclasses
 
-    from iddpm_core.sample import load_for_sampling, sample_images
+    from iddpm_core.checkpoint import load_model
+    from iddpm_core.sample import sample_images
     from iddpm_eval import paper_eval
 
-    runs = sw.make_grid(tiny_base(), [8], [1], [2], objectives=["simple"])
+    runs = sg.make_grid(tiny_base(), [8], [1], [2], objectives=["simple"])
     settings = {"ss_steps": [3], "ss_variants": {"simple": ["ddpm-fixed_large", "ddpm-fixed_small", "ddim"]},
                 "fid_num": 6, "fid_ref_num": 8, "fid_bootstrap": 0, "nll_num": 0, "seed": 2}
     paper_eval.check_settings(settings)
@@ -55,10 +57,10 @@ def test_sampling_steps_cells_sample_with_the_named_variance_and_resume(tmp_path
         with np.load(cells / name / "samples.npz") as z:
             return z["arr_0"]
 
-    sm = load_for_sampling(ckpt)
+    sm = load_model(ckpt)
     assert sm.diffusion_config.var_type == "fixed_large"
     small = dataclasses.replace(sm.diffusion_config, var_type="fixed_small")
-    sm2 = load_for_sampling(ckpt)
+    sm2 = load_model(ckpt)
     sm2.diffusion_config = small
     np.testing.assert_array_equal(samples("ddpm-fixed_small_3"),
                                   sample_images(sm2, 6, 3, "ddpm", seed=2, batch_size=256, progress=False))

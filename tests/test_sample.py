@@ -13,7 +13,9 @@ from iddpm_core.checkpoint import load_checkpoint
 from iddpm_core.config import RunConfig, TrainConfig
 from iddpm_core.diffusion import DiffusionConfig, build_diffusion, p_sample_loop
 from iddpm_core.models import ModelConfig
-from iddpm_core.sample import (load_for_sampling, make_grid, quantize, sample_images, sample_to_dir, seed_from)
+from iddpm_core.checkpoint import load_model
+from iddpm_core.sample import make_grid, quantize, sample_images, sample_to_dir
+from iddpm_core.seeding import seed_from
 from iddpm_core.train import train
 
 torch.set_num_threads(1)
@@ -40,29 +42,29 @@ def cond_ckpt(tmp_path_factory):
     return _run(tmp_path_factory, "cond", num_classes=10)
 
 
-def test_load_for_sampling_picks_ema_weights(ckpt):
+def test_load_model_picks_ema_weights(ckpt):
     raw = load_checkpoint(ckpt)
-    default = load_for_sampling(ckpt)
+    default = load_model(ckpt)
     assert default.ema_rate == 0.5  # the run's first rate
     for k, v in default.model.state_dict().items():
         assert torch.equal(v, raw["ema"]["0.5"][k])
-    other = load_for_sampling(ckpt, ema_rate=0.9)
+    other = load_model(ckpt, ema=0.9)
     for k, v in other.model.state_dict().items():
         assert torch.equal(v, raw["ema"]["0.9"][k])
-    plain = load_for_sampling(ckpt, ema_rate="raw")
+    plain = load_model(ckpt, ema="raw")
     assert plain.ema_rate is None
     for k, v in plain.model.state_dict().items():
         assert torch.equal(v, raw["model"][k])
     assert not all(torch.equal(raw["model"][k], raw["ema"]["0.5"][k]) for k in raw["model"])
     with pytest.raises(ValueError, match="0.999"):
-        load_for_sampling(ckpt, ema_rate=0.999)
+        load_model(ckpt, ema=0.999)
 
 
 def test_sample_images_is_the_diffusion_sampler_with_per_shard_seeds(ckpt):
     imgs = sample_images(ckpt, 6, steps=4, seed=3, batch_size=4, progress=False)
     assert imgs.shape == (6, 8, 8, 1) and imgs.dtype == np.uint8
     # shard 1 (images 4, 5) by hand: respaced ancestral chain, generator seeded from (seed, shard)
-    sm = load_for_sampling(ckpt)
+    sm = load_model(ckpt)
     diffusion = build_diffusion(sm.diffusion_config, "4")
     g = torch.Generator().manual_seed(seed_from(3, 1))
     x = p_sample_loop(diffusion, sm.model, (2, 1, 8, 8), generator=g)
@@ -156,3 +158,13 @@ def test_sample_cli(ckpt, tmp_path):
     bad = CliRunner().invoke(sample_main, ["--checkpoint", str(ckpt), "--num", "3", "--steps", "500",
                                            "--out", str(tmp_path / "y")])
     assert bad.exit_code == 2 and "steps" in bad.output
+
+
+def test_sample_shard_is_one_shard_of_sample_images(ckpt):
+    from iddpm_core.sample import sample_shard
+
+    sm = load_model(ckpt)
+    diffusion = build_diffusion(sm.diffusion_config, "4")
+    imgs, labels = sample_shard(sm, diffusion, 2, seed=3, shard=1)
+    assert labels is None and imgs.shape == (2, 8, 8, 1) and imgs.dtype == np.uint8
+    assert np.array_equal(imgs, sample_images(ckpt, 6, steps=4, seed=3, batch_size=4, progress=False)[4:])

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from iddpm_core.sweep import SweepError, steps_for_budgets, with_budget_steps
+from iddpm_core.sweep_grid import SweepError, steps_for_budgets, with_budget_steps
 from iddpm_eval import scaling
 from iddpm_eval.scaling_checks import (budget_rows, extrapolation_check, interpolated_minimum,
                                        isoflop_profiles)
@@ -144,7 +144,7 @@ def test_steps_for_budgets_closed_form():
 
 def test_with_budget_steps_adds_each_runs_own_steps():
     from iddpm_core.config import RunConfig
-    from iddpm_core.sweep import make_grid
+    from iddpm_core.sweep_grid import make_grid
 
     base = RunConfig.from_dict({"model": {"image_size": 8, "in_channels": 1, "channel_mult": [1],
                                           "attention_resolutions": [], "num_heads": 1}, "train": {"batch_size": 4}},
@@ -186,13 +186,14 @@ def test_flop_budget_checkpoints_with_the_real_trainer(tmp_path):
     count in the sweep table: the checkpoint saved for budget C is the first whose training compute
     reaches C."""
     from iddpm_core import sweep as sw
-    from iddpm_core.sweep import training_flops_per_step
+    from iddpm_core import sweep_grid as sg
+    from iddpm_core.sweep_grid import training_flops_per_step
     from test_sweep import tiny_base
 
-    runs = sw.make_grid(tiny_base(), [8, 16], [1], [1])
+    runs = sg.make_grid(tiny_base(), [8, 16], [1], [1])
     per_step = {r.name: training_flops_per_step(r.config) for r in runs}
     budget = 2.5 * per_step["w16_d1"]  # step 3 of w16; w8 costs less per step, so it takes more steps
-    runs = sw.with_budget_steps(runs, [budget])
+    runs = sg.with_budget_steps(runs, [budget])
     sw.run_sweep(tmp_path, runs, None, progress=False)
     table = pd.read_csv(tmp_path / sw.TABLE)
     rows = budget_rows(table, [budget], rel_tol=1.0)

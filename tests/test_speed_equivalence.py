@@ -26,7 +26,7 @@ from iddpm_core.models import ModelConfig, build_model
 from iddpm_core.models.cost import forward_flops, training_flops_per_image
 from iddpm_core.models.layers import reference_ops
 from iddpm_core.precision import with_precision
-from iddpm_core.train import build_optimizer, forward_backward, optimizer_step
+from iddpm_core.train_step import build_optimizer, forward_backward, optimizer_step
 
 torch.set_num_threads(1)
 EPS32 = torch.finfo(torch.float32).eps

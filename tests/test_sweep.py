@@ -16,8 +16,9 @@ import torch
 from click.testing import CliRunner
 
 from iddpm_core import sweep as sw
+from iddpm_core import sweep_grid as sg
 from iddpm_core.config import RunConfig
-from iddpm_core.train import complete_model_config
+from iddpm_core.config import complete_model_config
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = {"model": {"channel_mult": [1, 2], "num_heads": 1},
@@ -78,23 +79,23 @@ def weight_checksum(checkpoint: str, info: dict) -> dict:
 
 def test_grid_names_configs_and_axes():
     base = tiny_base()
-    runs = sw.make_grid(base, [8, 16, 24], [1, 2], [4, 2])
+    runs = sg.make_grid(base, [8, 16, 24], [1, 2], [4, 2])
     assert [r.name for r in runs] == ["w8_d1", "w8_d2", "w16_d1", "w16_d2", "w24_d1", "w24_d2"]
     assert all(r.steps == (2, 4) and r.config.train.steps == 4 for r in runs)
     assert [(r.config.model.base_channels, r.config.model.num_res_blocks) for r in runs] == \
         [(8, 1), (8, 2), (16, 1), (16, 2), (24, 1), (24, 2)]
     assert base.model.base_channels != 24 or base.model.num_res_blocks == 1  # base left alone
     # identity: same config -> same hash whatever the length or logging; other width -> other hash
-    again = sw.make_grid(tiny_base(log_interval=7), [8], [1], [9])[0]
+    again = sg.make_grid(tiny_base(log_interval=7), [8], [1], [9])[0]
     assert again.config_hash == runs[0].config_hash
-    assert sw.make_grid(tiny_base(lr=3e-4), [8], [1], [2])[0].config_hash != runs[0].config_hash
+    assert sg.make_grid(tiny_base(lr=3e-4), [8], [1], [2])[0].config_hash != runs[0].config_hash
     assert len({r.config_hash for r in runs}) == len(runs)
     for bad in ([0], [8, 8], []):
         with pytest.raises(sw.SweepError, match="widths"):
-            sw.make_grid(base, bad, [1], [2])
+            sg.make_grid(base, bad, [1], [2])
     # the other axes: objectives set loss, variance and the network's sigma output; names carry them
     longer = RunConfig.from_dict({**base.to_dict(), "diffusion": {**base.diffusion.to_dict(), "steps": 40}})
-    grid = sw.make_grid(longer, [8], [1], [2], objectives=["hybrid", "simple"], schedules=["linear"], seeds=[0, 3])
+    grid = sg.make_grid(longer, [8], [1], [2], objectives=["hybrid", "simple"], schedules=["linear"], seeds=[0, 3])
     assert [r.name for r in grid] == ["w8_d1_hybrid_linear_s0", "w8_d1_hybrid_linear_s3",
                                       "w8_d1_simple_linear_s0", "w8_d1_simple_linear_s3"]
     simple = grid[2].config
@@ -104,22 +105,22 @@ def test_grid_names_configs_and_axes():
     assert all(r.config.diffusion.schedule == "linear" for r in grid)
     assert len({r.config_hash for r in grid}) == 4
     with pytest.raises(sw.SweepError, match="objectives.*'l2'"):
-        sw.make_grid(base, [8], [1], [2], objectives=["l2"])
+        sg.make_grid(base, [8], [1], [2], objectives=["l2"])
     with pytest.raises(sw.SweepError, match="seeds"):
-        sw.make_grid(base, [8], [1], [2], seeds=[])
+        sg.make_grid(base, [8], [1], [2], seeds=[])
     with pytest.raises(sw.SweepError, match="w8_d1_linear: linear schedule needs T > 20"):  # T = 20 here
-        sw.make_grid(base, [8], [1], [2], schedules=["linear"])
+        sg.make_grid(base, [8], [1], [2], schedules=["linear"])
     heads5 = tiny_base()
     heads5.model.num_heads = 5
     with pytest.raises(sw.SweepError, match="w6_d1"):  # 12 channels at the attention level, 5 heads
-        sw.make_grid(heads5, [6], [1], [2])
+        sg.make_grid(heads5, [6], [1], [2])
 
 
 # ----------------------------------------------------------------------------- reruns (fake trainer)
 
 def test_rerun_skips_finished_fills_missing_evaluations_and_extends(tmp_path):
     fake = FakeTrainer()
-    runs = sw.make_grid(tiny_base(), [8, 16], [1], [2, 4])
+    runs = sg.make_grid(tiny_base(), [8, 16], [1], [2, 4])
     r1 = sw.run_sweep(tmp_path, runs, None, train_fn=fake, progress=False, command="cmd one")
     assert len(fake.calls) == 4 and r1.rows == 4 and r1.evaluated == []
     table = pd.read_csv(tmp_path / sw.TABLE)
@@ -142,17 +143,17 @@ def test_rerun_skips_finished_fills_missing_evaluations_and_extends(tmp_path):
     assert (tmp_path / sw.TABLE).read_bytes() == before
 
     # more checkpoint steps: only the new segment is trained, resuming
-    longer = sw.make_grid(tiny_base(), [8, 16], [1], [2, 4, 6])
+    longer = sg.make_grid(tiny_base(), [8, 16], [1], [2, 4, 6])
     r4 = sw.run_sweep(tmp_path, longer, weight_checksum, train_fn=fake, progress=False)
     assert r4.trained == ["w8_d1@6", "w16_d1@6"] and fake.calls[-1] == ("w16_d1", 6, "auto")
     assert len(pd.read_csv(tmp_path / sw.TABLE)) == 6
 
     # a step the run passed without a checkpoint cannot be made
     with pytest.raises(sw.SweepError, match="already trained to step 6"):
-        sw.run_sweep(tmp_path, sw.make_grid(tiny_base(), [8], [1], [5]), None, train_fn=fake, progress=False)
+        sw.run_sweep(tmp_path, sg.make_grid(tiny_base(), [8], [1], [5]), None, train_fn=fake, progress=False)
     # another config in the same folder is refused, naming the field
     with pytest.raises(sw.SweepError, match="train.lr"):
-        sw.run_sweep(tmp_path, sw.make_grid(tiny_base(lr=1e-3), [8, 16], [1], [2]), None, train_fn=fake,
+        sw.run_sweep(tmp_path, sg.make_grid(tiny_base(lr=1e-3), [8, 16], [1], [2]), None, train_fn=fake,
                      progress=False)
     with pytest.raises(sw.SweepError, match="sweep.json"):
         sw.run_sweep(tmp_path, runs, weight_checksum, eval_settings={"fid_num": 9}, train_fn=fake, progress=False)
@@ -160,7 +161,7 @@ def test_rerun_skips_finished_fills_missing_evaluations_and_extends(tmp_path):
 
 def test_only_and_torchrun_refusal(tmp_path, monkeypatch):
     fake = FakeTrainer()
-    grid = sw.make_grid(tiny_base(), [8, 16, 24, 32], [1], [2])
+    grid = sg.make_grid(tiny_base(), [8, 16, 24, 32], [1], [2])
     r = sw.run_sweep(tmp_path, grid, None, only=["w24_d1"], train_fn=fake, progress=False)
     assert r.trained == ["w24_d1@2"] and r.rows == 1
     with pytest.raises(sw.SweepError, match="w99_d1"):
@@ -180,7 +181,7 @@ def test_table_columns_feed_scaling_fit(tmp_path):
         c = float(info["train_flops"])
         return {"fid": 5 + 300 * c ** -0.25, "nll": 1.5}
 
-    runs = sw.make_grid(tiny_base(), [8, 16, 32], [1], [1, 3, 9])
+    runs = sg.make_grid(tiny_base(), [8, 16, 32], [1], [1, 3, 9])
     sw.run_sweep(tmp_path, runs, law, train_fn=fake, progress=False, command="x")
     table = scaling.read_table(tmp_path / sw.TABLE)
     for col in ("run", "params", "train_flops", "images_seen", "step", "fid", "fid_ci_low", "fid_ci_high", "nll",
@@ -208,7 +209,7 @@ def test_interrupted_sweep_rerun_with_real_trainer(tmp_path):
                 raise Stop()
         return train(cfg, out_dir, callback=cb, **kw)
 
-    runs = sw.make_grid(tiny_base(), [8, 16], [1], [1, 3])
+    runs = sg.make_grid(tiny_base(), [8, 16], [1], [1, 3])
     with pytest.raises(Stop):
         sw.run_sweep(tmp_path, runs, weight_checksum, train_fn=stopping_train, progress=False)
     done = pd.read_csv(tmp_path / sw.TABLE)
@@ -226,7 +227,7 @@ def test_interrupted_sweep_rerun_with_real_trainer(tmp_path):
     assert len(table) == 4 and not table.duplicated(["run", "step"]).any()
 
     # the interrupted-and-resumed run ends with the same weights as one trained straight to step 3
-    sw.run_sweep(tmp_path / "straight", sw.make_grid(tiny_base(), [16], [1], [3]), weight_checksum, progress=False)
+    sw.run_sweep(tmp_path / "straight", sg.make_grid(tiny_base(), [16], [1], [3]), weight_checksum, progress=False)
     straight = pd.read_csv(tmp_path / "straight" / sw.TABLE)
     got = table[(table["run"] == "w16_d1") & (table["step"] == 3)].iloc[0]
     assert got["weights_l1"] == pytest.approx(straight["weights_l1"][0], rel=1e-6)
@@ -240,7 +241,7 @@ def test_eval_hook_matches_standalone_fid_and_nll(tmp_path):
     from iddpm_eval.fid import fid_lowrank
 
     fake = FakeTrainer()
-    runs = sw.make_grid(tiny_base(), [8], [1], [2])
+    runs = sg.make_grid(tiny_base(), [8], [1], [2])
     settings = {"fid_num": 10, "fid_ref_num": 12, "fid_steps": 3, "fid_sampler": "ddim", "fid_bootstrap": 30,
                 "nll_num": 4, "nll_estimate": 3, "seed": 5}
     sw.run_sweep(tmp_path, runs, sweep_eval.evaluate_checkpoint, eval_settings=settings, train_fn=fake,
@@ -307,3 +308,20 @@ def test_cli_sweep_records_command_and_refuses_bad_flags(tmp_path, monkeypatch):
         assert r.exit_code == 2 and msg in r.output, (bad, r.output)
     # the default hook missing (iddpm_eval not installed) -> a warning, training columns only
     assert cli_sweep.resolve_hook("nomodule_xyz_123:evaluate", explicit=False) is None
+
+
+def test_one_job_prepare_run_one_run_done_and_merge_table(tmp_path):
+    """What one job does, step by step: prepare the folder, train and record one run, then the table."""
+    from iddpm_core.sweep import merge_table, prepare, read_rows, run_done, run_one
+
+    fake = FakeTrainer()
+    runs = sg.make_grid(tiny_base(), [8, 16], [1], [2, 4])
+    prepare(tmp_path, runs, None)
+    assert not run_done(tmp_path, runs[1], evaluated=False)
+    res = run_one(tmp_path, runs[1], progress=False, train_fn=fake)
+    assert run_done(tmp_path, runs[1], evaluated=False) and not run_done(tmp_path, runs[1], evaluated=True)
+    assert not run_done(tmp_path, runs[0], evaluated=False)
+    assert [c[1] for c in fake.calls] == [2, 4] and len(res.trained) == 2
+    rows = read_rows(merge_table(tmp_path, tmp_path / "copy.csv"))
+    assert [(r["run"], r["step"]) for r in rows] == [("w16_d1", "2"), ("w16_d1", "4")]
+    assert (tmp_path / "copy.csv").read_bytes() == (tmp_path / sw.TABLE).read_bytes()

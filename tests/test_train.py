@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from iddpm_core.checkpoint import load_checkpoint
-from iddpm_core.config import RunConfig, TrainConfig
+from iddpm_core.config import ResumeError, RunConfig, TrainConfig, complete_model_config, merge_resume_config
 from iddpm_core.diffusion import DiffusionConfig
 from iddpm_core.ema import EMA
 from iddpm_core.models import ModelConfig, build_model
-from iddpm_core.train import (ResumeError, batch_indices, complete_model_config, lr_at, merge_resume_config,
-                              train)
+from iddpm_core.train import batch_indices, train
+from iddpm_core.train_step import lr_at
 
 torch.set_num_threads(1)  # the tiny models are faster single-threaded, and the machine is shared
 

@@ -34,14 +34,14 @@ def measure_checkpoint(checkpoint: str, data: str, out_dir: str | Path, preset: 
     """{"latency", "solvers", "fid_steps", "denoising"}: row lists for ``checkpoint`` with the held-out
     ``data`` as FID reference and denoising images."""
     from iddpm_core.models.latency import latency, solver_study
-    from iddpm_core.sample import load_for_sampling
+    from iddpm_core.checkpoint import load_model
     from iddpm_eval.denoising import denoising_of_checkpoint
     from iddpm_eval.sampling_steps import fid_by_sampling_steps
 
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     p = PRESETS[preset]
-    sm = load_for_sampling(checkpoint)
+    sm = load_model(checkpoint)
     kind, T = sm.model_config.kind, int(sm.diffusion_config.steps)
     out: dict[str, list[dict]] = {"latency": [], "solvers": [], "fid_steps": [], "denoising": []}
     for batch in p["latency_batches"]:

@@ -21,7 +21,7 @@ Format (every table but ``name``, ``kind`` and one of ``[[rows]]`` / ``[grid]`` 
 
     [[rows]]                      # one training run each ...
     name = "lin1k_simple"
-    objective = "simple"          # hybrid / simple / vlb (iddpm_core.sweep.OBJECTIVES)
+    objective = "simple"          # hybrid / simple / vlb (iddpm_core.sweep_grid.OBJECTIVES)
     steps = "short"               # checkpoint steps: an integer, a budget name, or an array of them
     diffusion = {steps = 1000, schedule = "linear"}   # model / diffusion / train tables override the base
     paper = {nll = 3.99, fid = 32.5}                  # free-form, for the report
@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from iddpm_core.config import refuse_unknown
-from iddpm_core.sweep import OBJECTIVES, RunSpec, SweepError, make_grid
+from iddpm_core.sweep_grid import OBJECTIVES, RunSpec, SweepError, make_grid
 from iddpm_core.sweep_spec import read_toml
 
 TOP = ("name", "kind", "description", "notes", "budget", "base", "rows", "grid", "orderings", "eval", "launcher",
@@ -109,7 +109,7 @@ def _steps(where: str, value, budget: dict) -> list[int]:
 def _run_of_row(where: str, index: int, row: dict, base: dict, budget: dict) -> RunSpec:
     from iddpm_core.config import RunConfig
     from iddpm_core.diffusion.config import build_diffusion
-    from iddpm_core.train import complete_model_config
+    from iddpm_core.config import complete_model_config
 
     refuse_unknown(row, list(ROW_KEYS), where, SweepError)
     if not isinstance(row.get("name"), str) or not row["name"].replace("_", "").replace("-", "").isalnum():
@@ -138,7 +138,7 @@ def _run_of_row(where: str, index: int, row: dict, base: dict, budget: dict) -> 
 def _grid_runs(where: str, grid: dict, base: dict, budget: dict) -> list[RunSpec]:
     from iddpm_core.config import RunConfig
     from iddpm_core.sweep_spec import GRID_AXES
-    from iddpm_core.train import complete_model_config
+    from iddpm_core.config import complete_model_config
 
     unknown = sorted(set(grid) - set(GRID_AXES))
     if unknown:
