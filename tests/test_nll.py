@@ -16,8 +16,10 @@ from scipy import integrate, stats
 from iddpm_core.checkpoint import save_checkpoint
 from iddpm_core.diffusion import DiffusionConfig, GaussianDiffusion, build_diffusion, get_betas
 from iddpm_core.models import ModelConfig, build_model
-from iddpm_eval.nll import (NLLError, bound_terms, bound_terms_loop, breakdown, estimate_bound, evaluate,
-                            load_profile, pair_noise, proposal, write_breakdown)
+from iddpm_eval.nll import (NLLError, bound_terms, breakdown, estimate_bound, evaluate, load_profile, pair_noise,
+                            proposal, write_breakdown)
+
+from bpd_loop import bound_terms_loop, calc_bpd_loop
 
 torch.set_num_threads(1)  # tiny models run faster single-threaded, and the machine is shared
 LOG2 = math.log(2.0)
@@ -222,7 +224,7 @@ def test_batched_equals_core_calc_bpd_loop():
     diff = build_diffusion(DiffusionConfig(steps=16))
     x0 = digits_batch(4, start=20)
     gen = torch.Generator().manual_seed(123)
-    ref = diff.calc_bpd_loop(model, x0, generator=gen)
+    ref = calc_bpd_loop(diff, model, x0, generator=gen)
     gen = torch.Generator().manual_seed(123)
     table = {t: torch.randn(x0.shape, generator=gen) for t in range(diff.num_timesteps - 1, -1, -1)}
     ours = bound_terms(diff, model, x0, seed=0, batch_size=24, noise_fn=lambda i, t, shape: table[t][i])
@@ -243,7 +245,7 @@ def test_estimate_is_unbiased_and_its_stderr_is_honest():
     pilot = breakdown(exact["vb"], exact["xstart_mse"], exact["mse"])
     spreads = {}
     for name, p in (("uniform", proposal(30)), ("importance", proposal(30, pilot["vb_rms"], 0.05))):
-        ests, ses, imgs_se = [], [], []
+        ests, ses = [], []
         for s in range(150):
             r = estimate_bound(diff, model, x0, 4, idx, p=p, seed=seed, sample_seed=1000 + s, batch_size=20)
             ests.append(r["total_bpd"].mean())
