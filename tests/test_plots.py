@@ -18,13 +18,10 @@ def _image(path):
 
 
 def _sweep():
-    rows = []
-    for i, n in enumerate([1e5, 1e6, 1e7]):
-        for s in range(1, 6):
-            d = 1e4 * 3 ** s
-            rows.append(dict(run=i, params=n, images_seen=d, train_flops=6.0 * n * d, step=s,
-                             fid=1.5 + 400 * n ** -0.34 + 900 * d ** -0.28))
-    return pd.DataFrame(rows)
+    """Three model sizes, five checkpoints each, on y = 2 + 300 N^-0.3 + 500 D^-0.25."""
+    return pd.DataFrame([dict(run=i, params=n, images_seen=d, train_flops=6.0 * n * d, step=j,
+                              fid=2 + 300 * n ** -0.3 + 500 * d ** -0.25)
+                         for i, n in enumerate((2e5, 2e6, 2e7)) for j, d in enumerate(np.geomspace(3e4, 3e6, 5))])
 
 
 def test_scaling_and_joint_plots(tmp_path):
