@@ -15,10 +15,10 @@ The breakdown plot is :func:`iddpm_eval.plots.plot_breakdown`.
 
 from iddpm_eval.nll.bound import NLLError, bound_terms, breakdown, pair_noise, write_breakdown
 from iddpm_eval.nll.estimate import estimate_bound, load_profile, proposal, sample_timesteps
-from iddpm_eval.nll.files import Settings, default_out_dir
+from iddpm_eval.nll.files import default_out_dir
 from iddpm_eval.nll.run import Loaded, check_options, evaluate, load, results_row
 from iddpm_eval.nll.training import TrainingNLL
 
 __all__ = ["NLLError", "bound_terms", "breakdown", "pair_noise", "write_breakdown", "estimate_bound", "load_profile",
-           "proposal", "sample_timesteps", "Settings", "default_out_dir", "Loaded", "check_options", "evaluate",
+           "proposal", "sample_timesteps", "default_out_dir", "Loaded", "check_options", "evaluate",
            "load", "results_row", "TrainingNLL"]

@@ -85,25 +85,28 @@ class _Job:
     conditional: bool
     device: str
     out: Path
-    opts: dict  # seed, batch_size, clip_denoised, exact_cdf, progress
+    seed: int
+    batch_size: int
+    clip_denoised: bool
+    exact_cdf: bool
+    progress: bool
     estimate: int | None
     method: str
     p: np.ndarray | None = None
     proposal_from: dict = field(default_factory=dict)  # profile, pilot, uniform_mix of an estimate
 
     def settings(self) -> Settings:
-        o, lm = self.opts, self.lm
+        lm = self.lm
         return Settings(checkpoint_sha256=lm.sha256, data=self.data, T=lm.diffusion.num_timesteps,
-                        seed=int(o["seed"]), cdf="exact" if o["exact_cdf"] else "tanh",
-                        clip_denoised=bool(o["clip_denoised"]), ema_rate=lm.ema_rate,
+                        seed=int(self.seed), cdf="exact" if self.exact_cdf else "tanh",
+                        clip_denoised=bool(self.clip_denoised), ema_rate=lm.ema_rate,
                         estimate=int(self.estimate) if self.estimate else None,
                         proposal_sha256=hashlib.sha256(self.p.tobytes()).hexdigest() if self.p is not None else None,
                         method=self.method)
 
     def bound_kwargs(self, labels) -> dict:
-        o = self.opts
-        return dict(seed=o["seed"], batch_size=o["batch_size"], clip_denoised=o["clip_denoised"],
-                    exact_cdf=o["exact_cdf"], labels=labels)
+        return dict(seed=self.seed, batch_size=self.batch_size, clip_denoised=self.clip_denoised,
+                    exact_cdf=self.exact_cdf, labels=labels)
 
     def images(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
         from iddpm_core.data import to_model_range
@@ -137,7 +140,7 @@ def _pilot_profile(job: _Job, m: int) -> np.ndarray:
     if path.exists():
         return load_profile(path, T)
     x0, labels = job.images(np.arange(m))
-    res = bound_terms(job.lm.diffusion, job.lm.model, x0, np.arange(m), progress=job.opts["progress"],
+    res = bound_terms(job.lm.diffusion, job.lm.model, x0, np.arange(m), progress=job.progress,
                       **job.bound_kwargs(labels))
     write_breakdown(path, breakdown(res["vb"], res["xstart_mse"], res["mse"]))
     return load_profile(path, T)
@@ -215,11 +218,11 @@ def _compute(job: _Job, state: _State, images_per_write: int | None) -> int:
     """Compute every image not done, in groups; returns how many were computed."""
     todo = [i for i in range(job.n_total) if i not in state.done]
     per_image = (job.estimate + 1) if job.estimate else job.lm.diffusion.num_timesteps
-    group = images_per_write or max(1, math.ceil(4 * job.opts["batch_size"] / per_image))
+    group = images_per_write or max(1, math.ceil(4 * job.batch_size / per_image))
     if job.method == "loop":
-        group = images_per_write or job.opts["batch_size"]
+        group = images_per_write or job.batch_size
     bar = tqdm(total=job.n_total, initial=job.n_total - len(todo), desc="nll images", unit="img",
-               disable=not job.opts["progress"] or not dist.is_main())
+               disable=not job.progress or not dist.is_main())
     # Under torchrun rank r takes the r-th of each run of `world` groups (the groups one process
     # would form, so the same forward passes and numbers); every rank receives every group's
     # numbers and rank 0 writes them (resume works as with one process).
@@ -323,9 +326,8 @@ def evaluate(checkpoint: str | os.PathLike | Loaded, data: str, *, out_dir: str 
     lm = checkpoint if isinstance(checkpoint, Loaded) else load(checkpoint, ema=ema, device=dev)
     src, conditional, n_total = _open_data(data, lm, num)
     out = Path(out_dir) if out_dir is not None else default_out_dir(lm.path, str(data), estimate)
-    job = _Job(lm, src, str(data), num, n_total, conditional, dev, out, estimate=estimate, method=method,
-               opts=dict(seed=seed, batch_size=batch_size, clip_denoised=clip_denoised, exact_cdf=exact_cdf,
-                         progress=progress))
+    job = _Job(lm, src, str(data), num, n_total, conditional, dev, out, seed=seed, batch_size=batch_size,
+               clip_denoised=clip_denoised, exact_cdf=exact_cdf, progress=progress, estimate=estimate, method=method)
     if estimate:
         job.proposal_from = {"profile": profile, "pilot": pilot, "uniform_mix": uniform_mix}
         job.p = _proposal(job, profile, pilot, uniform_mix)
