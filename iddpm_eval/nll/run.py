@@ -146,8 +146,10 @@ def _pilot_profile(job: _Job, m: int) -> np.ndarray:
     return load_profile(path, T)
 
 
-def _proposal(job: _Job, profile, pilot: int | None, uniform_mix: float) -> np.ndarray:
+def _proposal(job: _Job) -> np.ndarray:
+    """The timestep proposal of an estimate: uniform, or shaped by the loss profile or the pilot."""
     T = job.lm.diffusion.num_timesteps
+    profile, pilot, uniform_mix = (job.proposal_from[k] for k in ("profile", "pilot", "uniform_mix"))
     prof = load_profile(profile, T) if profile is not None else None
     if pilot:  # one process computes (or reads) the pilot, under torchrun too
         prof = dist.broadcast(_pilot_profile(job, min(int(pilot), len(job.src))) if dist.is_main() else None)
@@ -253,7 +255,7 @@ def _summary(job: _Job, state: _State, n_new: int, elapsed: float) -> dict:
     keys, lm, st = sorted(state.done), job.lm, job.settings()
     col = {c: np.array([state.done[i][c] for i in keys]) for c in IMAGE_COLUMNS[1:]}
     bpd, se = _mean_stderr(col["bpd"])
-    ok = se is not None and math.isfinite(se)
+    ok = math.isfinite(se)
     return {"bpd": bpd, "bpd_stderr": se, "bpd_ci_low": bpd - Z * se if ok else None,
             "bpd_ci_high": bpd + Z * se if ok else None, "n": len(keys), "T": st.T,
             "prior_bpd": float(col["prior_bpd"].mean()), "decoder_bpd": float(col["decoder_bpd"].mean()),
@@ -330,7 +332,7 @@ def evaluate(checkpoint: str | os.PathLike | Loaded, data: str, *, out_dir: str 
                clip_denoised=clip_denoised, exact_cdf=exact_cdf, progress=progress, estimate=estimate, method=method)
     if estimate:
         job.proposal_from = {"profile": profile, "pilot": pilot, "uniform_mix": uniform_mix}
-        job.p = _proposal(job, profile, pilot, uniform_mix)
+        job.p = _proposal(job)
     _claim_folder(out, job.settings())
     state = _resume(job)
     t0 = time.time()
