@@ -1,6 +1,6 @@
-"""Bits/dim speed: the batched bound (timesteps of an image share forward passes) against the
-one-timestep loop (improved-diffusion's ``calc_bpd_loop`` order), and the cost and error of the
-K-step estimate, on 28x28 Fashion-MNIST at T = 1000.
+"""Bits/dim speed: the bound with the timesteps of an image sharing forward passes against the
+same bound one timestep per pass (improved-diffusion's ``calc_bpd_loop`` order, ``by_timestep``),
+and the cost and error of the K-step estimate, on 28x28 Fashion-MNIST at T = 1000.
 
 Writes results/benchmarks/nll.csv. A small U-Net is first trained for ``--train-steps`` steps so
 the per-t profile is realistic. Rows:
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from iddpm_core.io import write_text
-from iddpm_eval.nll import bound_terms, bound_terms_loop, breakdown, estimate_bound, load, proposal
+from iddpm_eval.nll import bound_terms, breakdown, estimate_bound, load, proposal
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ("section", "method", "proposal", "K", "T", "image_size", "model_params", "batch_size", "images",
@@ -72,78 +72,51 @@ def fmt(v) -> str:
     return str(v)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--images", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=1000, help="diffusion steps T")
-    ap.add_argument("--batch-size", type=int, default=16,
-                    help="pairs per forward pass of the batched method (16 is the fastest on the 2-core CPU)")
-    ap.add_argument("--train-steps", type=int, default=150)
-    ap.add_argument("--ks", default="4,16,64")
-    ap.add_argument("--seeds", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(ROOT / "results" / "benchmarks" / "nll.csv"))
-    ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    progress = not args.no_progress
-    from iddpm_core.data import load_source, to_model_range
-    from iddpm_core.models.cost import count_parameters
-
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = train_model(Path(tmp) / "run", args.train_steps, args.steps, progress)
-        lm = load(ckpt, device="cpu")
-    diff, model, T = lm.diffusion, lm.model, lm.diffusion.num_timesteps
-    n_params = count_parameters(model)
-    images, _ = load_source("fashion-mnist:test").batch(np.arange(args.images))
-    x0 = to_model_range(images)
-    idx = np.arange(args.images)
-    common = dict(T=T, image_size=28, model_params=n_params, images=args.images)
-    rows = []
-
-    # ---- exact bound. Round 1, image by image: batched vs loop with one image per pass.
-    # Round 2, all images at once: batched vs loop with every image in one pass per t.
-    # Each pair alternates its order, so machine load affects both sides alike.
+def exact_rows(diff, model, x0, idx, args, progress: bool, common: dict) -> tuple[list, np.ndarray, dict]:
+    """Round 1, image by image: batched against the loop with one image per pass. Round 2, all
+    images at once: batched against the loop with every image in one pass per t. Each pair
+    alternates its order, so machine load affects both sides alike. Returns the rows, the exact
+    bound per image and the per-t breakdown (the pilot of the estimates)."""
+    T = diff.num_timesteps
     secs = {"batched": 0.0, "loop1": 0.0, "loopN": 0.0}
     counted = {"batched": 0, "loop1": 0, "loopN": 0}
     tot = {"batched": [], "loop1": []}
     parts = []
 
-    def timed(name, fn, n):
+    def timed(name, sl, **kw):
         start = time.perf_counter()
-        r = fn()
+        r = bound_terms(diff, model, x0[sl], idx[sl], progress=progress, **kw)
         secs[name] += time.perf_counter() - start
-        counted[name] += n
+        counted[name] += len(idx[sl])
         return r
 
     for i in range(args.images):
         sl = slice(i, i + 1)
         for name in ("batched", "loop1") if i % 2 == 0 else ("loop1", "batched"):
             if name == "batched":
-                r = timed(name, lambda: bound_terms(diff, model, x0[sl], idx[sl], batch_size=args.batch_size,
-                                                    progress=progress), 1)
+                r = timed(name, sl, batch_size=args.batch_size)
                 parts.append(r)
             else:
-                r = timed(name, lambda: bound_terms_loop(diff, model, x0[sl], idx[sl], batch_size=1,
-                                                         progress=progress), 1)
+                r = timed(name, sl, batch_size=1, by_timestep=True)
             tot[name].append(r["total_bpd"][0])
-    loopn = timed("loopN", lambda: bound_terms_loop(diff, model, x0, idx, batch_size=args.images,
-                                                    progress=progress), args.images)
-    again = timed("batched", lambda: bound_terms(diff, model, x0, idx, batch_size=args.batch_size,
-                                                 progress=progress), args.images)
+    loopn = timed("loopN", slice(None), batch_size=args.images, by_timestep=True)
+    again = timed("batched", slice(None), batch_size=args.batch_size)
     ips = {k: counted[k] / secs[k] for k in secs}
     exact = np.array(tot["batched"])
     diffs = max(np.abs(exact - np.array(tot["loop1"])).max(), np.abs(exact - loopn["total_bpd"]).max(),
                 np.abs(exact - again["total_bpd"]).max())
-    for name, bs in (("batched", args.batch_size), ("loop1", 1), ("loopN", args.images)):
-        rows.append(row(section="exact", method=name, batch_size=bs, forwards_per_image=T, images_per_sec=ips[name],
-                        ratio_vs_loop1=ips[name] / ips["loop1"], ratio_vs_loopN=ips[name] / ips["loopN"],
-                        max_abs_diff_bpd=float(diffs), bpd=float(exact.mean()), **common))
+    rows = [row(section="exact", method=name, batch_size=bs, forwards_per_image=T, images_per_sec=ips[name],
+                ratio_vs_loop1=ips[name] / ips["loop1"], ratio_vs_loopN=ips[name] / ips["loopN"],
+                max_abs_diff_bpd=float(diffs), bpd=float(exact.mean()), **common)
+            for name, bs in (("batched", args.batch_size), ("loop1", 1), ("loopN", args.images))]
+    pilot = breakdown(*(np.concatenate([p[k] for p in parts]) for k in ("vb", "xstart_mse", "mse")))
+    return rows, exact, pilot
 
-    # ---- K-step estimates against the exact bound of the same images and noise
-    vb = np.concatenate([p["vb"] for p in parts])
-    pilot = breakdown(vb, np.concatenate([p["xstart_mse"] for p in parts]), np.concatenate([p["mse"] for p in parts]))
-    target = exact.mean()
+
+def estimate_rows(diff, model, x0, idx, args, exact: np.ndarray, pilot: dict, common: dict) -> list:
+    """For each K and proposal, over ``args.seeds`` timestep draws: speed, RMS error against the
+    exact bound of the same images and noise, mean reported standard error, share within 2 of them."""
+    T, target, rows = diff.num_timesteps, exact.mean(), []
     for k in [int(s) for s in args.ks.split(",") if s]:
         for pname, p in (("uniform", proposal(T)), ("importance", proposal(T, pilot["vb_rms"], 0.05))):
             errs, ses, spent = [], [], 0.0
@@ -159,7 +132,40 @@ def main(argv=None) -> int:
                             images_per_sec=args.images * args.seeds / spent, bpd=float(target + errs.mean()),
                             rmse_bpd=float(np.sqrt((errs ** 2).mean())), mean_mc_stderr=float(ses.mean()),
                             within_2se=float((np.abs(errs) <= 2 * ses).mean()), **common))
+    return rows
 
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=1000, help="diffusion steps T")
+    ap.add_argument("--batch-size", type=int, default=16,
+                    help="pairs per forward pass of the batched method (16 is the fastest on the 2-core CPU)")
+    ap.add_argument("--train-steps", type=int, default=150)
+    ap.add_argument("--ks", default="4,16,64")
+    ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(ROOT / "results" / "benchmarks" / "nll.csv"))
+    ap.add_argument("--no-progress", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    progress = not args.no_progress
+    from iddpm_core.data import load_source, to_model_range
+    from iddpm_core.models.cost import count_parameters
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = train_model(Path(tmp) / "run", args.train_steps, args.steps, progress)
+        lm = load(ckpt, device="cpu")
+    diff, model, T = lm.diffusion, lm.model, lm.diffusion.num_timesteps
+    images, _ = load_source("fashion-mnist:test").batch(np.arange(args.images))
+    x0, idx = to_model_range(images), np.arange(args.images)
+    common = dict(T=T, image_size=28, model_params=count_parameters(model), images=args.images)
+    rows, exact, pilot = exact_rows(diff, model, x0, idx, args, progress, common)
+    rows += estimate_rows(diff, model, x0, idx, args, exact, pilot, common)
     lines = [",".join(COLUMNS)] + [",".join(fmt(r.get(c)) for c in COLUMNS) for r in rows]
     write_text(args.out, "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -1,4 +1,5 @@
-"""Figures. Scaling plots: log-log data, compute frontier, fitted law and its bootstrap band.
+"""Figures. Scaling plots: log-log data, compute frontier, fitted law and its bootstrap band;
+isoFLOP profiles; the per-timestep breakdown of a bits/dim run.
 
 Figures are drawn on a bare ``matplotlib.figure.Figure`` (no pyplot state, no GUI backend) and
 written atomically as PNG.
@@ -41,6 +42,23 @@ def _fmt_ci(result, name: str) -> str:
     return f"{name} = {row['value']:.3g}{ci}"
 
 
+def _finish_loglog(fig: Figure, ax, path, xlabel: str, ylabel: str, yvalues, lines: list[str], title: str,
+                   legend_size: int) -> Path:
+    """Log-log axes with their labels, the fitted parameters in a box at the lower left, the title,
+    grid and legend; then the PNG."""
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    _plain_ticks_if_narrow(ax, yvalues)
+    ax.text(0.02, 0.02, "\n".join(lines), transform=ax.transAxes, fontsize=8, va="bottom",
+            bbox={"facecolor": "white", "alpha": 0.8, "lw": 0})
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=legend_size, loc="upper right")
+    return save_figure(fig, path)
+
+
 def plot_scaling(result, path: str | os.PathLike, *, title: str | None = None, n_grid: int = 200) -> Path:
     """Log-log plot of a one-variable :class:`iddpm_eval.scaling.ScalingResult`: every row,
     the frontier, the rows used by the fit, the fitted curve and its bootstrap percentile band."""
@@ -66,21 +84,11 @@ def plot_scaling(result, path: str | os.PathLike, *, title: str | None = None, n
                         label=f"{100 * result.level:g}% bootstrap band", zorder=0)
     if "E" in p:
         ax.axhline(p["E"], color="tab:red", ls=":", lw=1, label="E (fixed)" if result.fit.form == "fixed-E" else "E")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel(x)
-    ax.set_ylabel(y)
-    _plain_ticks_if_narrow(ax, df[y])
     fixed = result.fit.form == "fixed-E"
     lines = [_fmt_ci(result, k) for k in ("alpha", "E", "A") if k in result.names and not (fixed and k == "E")]
     if fixed:
         lines.append(f"E0 = {p['E']:.3g} (fixed)")
-    ax.text(0.02, 0.02, "\n".join(lines), transform=ax.transAxes, fontsize=8, va="bottom",
-            bbox={"facecolor": "white", "alpha": 0.8, "lw": 0})
-    ax.set_title(title or f"{y} vs {x}")
-    ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=8, loc="upper right")
-    return save_figure(fig, path)
+    return _finish_loglog(fig, ax, path, x, y, df[y], lines, title or f"{y} vs {x}", legend_size=8)
 
 
 def plot_joint(result, path: str | os.PathLike, *, n_col: str = "params", d_col: str = "images_seen",
@@ -101,18 +109,9 @@ def plot_joint(result, path: str | os.PathLike, *, n_col: str = "params", d_col:
         sub = df[df[n_col] == n]
         ax.scatter(sub[d_col], sub[y], s=14, color=c, label=f"N = {n:.3g}")
         ax.plot(grid, result.fit.predict(np.full_like(grid, n), grid), color=c, lw=1)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel(d_col)
-    ax.set_ylabel(y)
-    _plain_ticks_if_narrow(ax, df[y])
     lines = [_fmt_ci(result, k) for k in ("E", "A", "alpha", "B", "beta")]
-    ax.text(0.02, 0.02, "\n".join(lines), transform=ax.transAxes, fontsize=8, va="bottom",
-            bbox={"facecolor": "white", "alpha": 0.8, "lw": 0})
-    ax.set_title(title or f"{y} = E + A N^-alpha + B D^-beta")
-    ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=7, loc="upper right")
-    return save_figure(fig, path)
+    return _finish_loglog(fig, ax, path, d_col, y, df[y], lines, title or f"{y} = E + A N^-alpha + B D^-beta",
+                          legend_size=7)
 
 
 def plot_isoflop(result: dict, path: str | os.PathLike, *, n_grid: int = 200) -> Path:
@@ -160,4 +159,24 @@ def plot_isoflop(result: dict, path: str | os.PathLike, *, n_grid: int = 200) ->
     bx.set_title("compute-optimal size against budget")
     bx.grid(True, which="both", alpha=0.25)
     bx.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def plot_breakdown(path: str | os.PathLike, table: dict, title: str = "") -> Path:
+    """Bits/dim breakdown (:func:`iddpm_eval.nll.breakdown`): left, the mean term per t (the decoder
+    NLL at t = 0 marked apart); right, the epsilon and x_0 MSEs per t; log y axes."""
+    t = np.asarray(table["t"])
+    fig = Figure(figsize=(9, 3.6))
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.semilogy(t[1:], np.maximum(table["vb"][1:], 1e-12), lw=1, label="KL term (t >= 1)")
+    ax1.semilogy([0], [max(table["vb"][0], 1e-12)], "o", label="decoder NLL (t = 0)")
+    ax1.set_xlabel("t")
+    ax1.set_ylabel("bits/dim")
+    ax1.legend(fontsize=8)
+    ax2.semilogy(t, np.maximum(table["mse"], 1e-12), lw=1, label="epsilon MSE")
+    ax2.semilogy(t, np.maximum(table["xstart_mse"], 1e-12), lw=1, label="x0 MSE")
+    ax2.set_xlabel("t")
+    ax2.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)

@@ -9,6 +9,8 @@ import torch
 from iddpm_core.diffusion import GaussianDiffusion, get_betas, mean_flat, normal_kl
 from iddpm_core.diffusion import discretized_gaussian_log_likelihood as dgll
 
+from bpd_loop import calc_bpd_loop
+
 D64 = torch.float64
 
 
@@ -273,7 +275,7 @@ def test_calc_bpd_loop_with_oracle_x0_model():
     d = GaussianDiffusion(betas, mean_type="x0", var_type="fixed_small")
     g = torch.Generator().manual_seed(4)
     x0 = torch.randint(0, 256, (3, 1, 4, 4), generator=g).double() * 2 / 255 - 1
-    res = d.calc_bpd_loop(lambda x, t: x0, x0, generator=torch.Generator().manual_seed(0))
+    res = calc_bpd_loop(d, lambda x, t: x0, x0, generator=torch.Generator().manual_seed(0))
     assert res["vb"].shape == (3, T) and res["mse"].shape == (3, T) and res["xstart_mse"].shape == (3, T)
     torch.testing.assert_close(res["vb"][:, 1:], torch.zeros(3, T - 1, dtype=D64), rtol=0, atol=1e-12)
     torch.testing.assert_close(res["xstart_mse"], torch.zeros(3, T, dtype=D64))
@@ -293,7 +295,7 @@ def test_calc_bpd_loop_equals_batched_vb_terms():
     x0 = torch.rand(2, 2, 3, 3, generator=g, dtype=D64) * 2 - 1
     m = hybrid_model(2)
     with torch.no_grad():
-        res = d.calc_bpd_loop(m, x0, generator=torch.Generator().manual_seed(9), exact_cdf=True, progress=False)
+        res = calc_bpd_loop(d, m, x0, generator=torch.Generator().manual_seed(9), exact_cdf=True, progress=False)
         g2 = torch.Generator().manual_seed(9)
         noises = {i: torch.randn(x0.shape, generator=g2, dtype=D64) for i in range(T - 1, -1, -1)}
         t = torch.arange(T).repeat_interleave(2)
@@ -334,7 +336,7 @@ def test_vlb_terms_for_gaussian_data_with_optimal_denoiser():
         return torch.from_numpy(c)[idx].to(x.dtype).reshape(-1, 1, 1, 1) * x
 
     x0 = torch.randn(4, 1, 64, 64, generator=torch.Generator().manual_seed(11), dtype=D64) * math.sqrt(s2)
-    res = d.calc_bpd_loop(model, x0, clip_denoised=False, generator=torch.Generator().manual_seed(12))
+    res = calc_bpd_loop(d, model, x0, clip_denoised=False, generator=torch.Generator().manual_seed(12))
     expected_kl = (coef1 ** 2 * cond_var)[1:] / (2 * post[1:]) / math.log(2)  # bits per dim, t >= 1
     got = res["vb"][:, 1:].mean(0).numpy()
     np.testing.assert_allclose(got, expected_kl, rtol=0.05)
@@ -342,6 +344,6 @@ def test_vlb_terms_for_gaussian_data_with_optimal_denoiser():
     expected_prior = 0.5 * (-math.log(v) + v + abar[-1] * s2 - 1) / math.log(2)
     assert res["prior_bpd"].mean().item() == pytest.approx(expected_prior, rel=0.05)
     # a mis-scaled denoiser is worse (same noise)
-    worse = d.calc_bpd_loop(lambda x, t: 0.8 * model(x, t), x0, clip_denoised=False,
-                            generator=torch.Generator().manual_seed(12))
+    worse = calc_bpd_loop(d, lambda x, t: 0.8 * model(x, t), x0, clip_denoised=False,
+                             generator=torch.Generator().manual_seed(12))
     assert worse["vb"][:, 1:].sum().item() > res["vb"][:, 1:].sum().item() * 1.05

@@ -10,6 +10,8 @@ from iddpm_core.diffusion import (SpacedDiffusion, ddim_sample, ddim_sample_loop
                                   ddim_sample_loop_progressive, get_betas, p_sample, p_sample_loop,
                                   p_sample_loop_progressive, space_timesteps)
 
+from bpd_loop import calc_bpd_loop
+
 D64 = torch.float64
 T = 200
 
@@ -139,5 +141,5 @@ def test_model_kwargs_reach_the_model():
     ddim_sample_loop(d, model, (2, 1, 2, 2), generator=torch.Generator().manual_seed(0), model_kwargs={"y": y})
     x0 = torch.zeros(2, 1, 2, 2)
     d.training_losses(model, x0, torch.tensor([0, 3]), model_kwargs={"y": y})
-    d.calc_bpd_loop(model, x0, model_kwargs={"y": y})
+    calc_bpd_loop(d, model, x0, model_kwargs={"y": y})
     assert len(seen) == 4 + 4 + 1 + 4 and all(s is y for s in seen)

@@ -1,4 +1,4 @@
-"""Bits/dim: closed forms for Gaussian data, batched == looped == iddpm_core's calc_bpd_loop,
+"""Bits/dim: closed forms for Gaussian data, batched == the per-timestep reference loop (tests/bpd_loop.py),
 unbiased K-step estimates with honest standard errors, training lowers the bound, CLI with resume."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +17,10 @@ from scipy import integrate, stats
 from iddpm_core.checkpoint import save_checkpoint
 from iddpm_core.diffusion import DiffusionConfig, GaussianDiffusion, build_diffusion, get_betas
 from iddpm_core.models import ModelConfig, build_model
-from iddpm_eval.nll import (NLLError, bound_terms, bound_terms_loop, breakdown, estimate_bound, evaluate,
-                            load_profile, pair_noise, proposal, write_breakdown)
+from iddpm_eval.nll import (NLLError, bound_terms, breakdown, check_options, estimate_bound, evaluate, load,
+                            load_profile, pair_noise, proposal, results_row, sample_timesteps, write_breakdown)
+
+from bpd_loop import bound_terms_loop, calc_bpd_loop
 
 torch.set_num_threads(1)  # tiny models run faster single-threaded, and the machine is shared
 LOG2 = math.log(2.0)
@@ -215,6 +218,23 @@ def test_class_labels_follow_their_images():
     assert np.abs(other["vb"] - both["vb"]).max() > 1e-4  # the labels reach the model
 
 
+def test_by_timestep_layout_runs_the_reference_loop():
+    """``by_timestep`` forms the reference loop's forward passes (one t, ``batch_size`` images), so it
+    gives its numbers bit for bit; the default layout (several t per pass) agrees to float32 noise."""
+    model, _ = tiny_model()
+    diff = build_diffusion(DiffusionConfig(steps=9))
+    x0 = digits_batch(5, start=60)
+    ref = bound_terms_loop(diff, model, x0, [4, 0, 9, 2, 7], seed=6, batch_size=2)
+    ours = bound_terms(diff, model, x0, [4, 0, 9, 2, 7], seed=6, batch_size=2, by_timestep=True)
+    for k in ("vb", "xstart_mse", "mse", "prior_bpd"):
+        assert np.array_equal(ours[k], ref[k]), k
+    assert np.allclose(ours["total_bpd"], ref["total_bpd"], rtol=1e-12, atol=0)
+    flat = bound_terms(diff, model, x0, [4, 0, 9, 2, 7], seed=6, batch_size=11)
+    np.testing.assert_allclose(flat["vb"], ours["vb"], rtol=1e-6, atol=1e-6)
+    with pytest.raises(NLLError, match="batch_size must be >= 1"):
+        bound_terms(diff, model, x0, batch_size=0, by_timestep=True)
+
+
 def test_batched_equals_core_calc_bpd_loop():
     """iddpm_core's calc_bpd_loop draws its noise from one generator, t = T-1 .. 0; replaying those draws
     into the batched path must reproduce its every output."""
@@ -222,7 +242,7 @@ def test_batched_equals_core_calc_bpd_loop():
     diff = build_diffusion(DiffusionConfig(steps=16))
     x0 = digits_batch(4, start=20)
     gen = torch.Generator().manual_seed(123)
-    ref = diff.calc_bpd_loop(model, x0, generator=gen)
+    ref = calc_bpd_loop(diff, model, x0, generator=gen)
     gen = torch.Generator().manual_seed(123)
     table = {t: torch.randn(x0.shape, generator=gen) for t in range(diff.num_timesteps - 1, -1, -1)}
     ours = bound_terms(diff, model, x0, seed=0, batch_size=24, noise_fn=lambda i, t, shape: table[t][i])
@@ -243,7 +263,7 @@ def test_estimate_is_unbiased_and_its_stderr_is_honest():
     pilot = breakdown(exact["vb"], exact["xstart_mse"], exact["mse"])
     spreads = {}
     for name, p in (("uniform", proposal(30)), ("importance", proposal(30, pilot["vb_rms"], 0.05))):
-        ests, ses, imgs_se = [], [], []
+        ests, ses = [], []
         for s in range(150):
             r = estimate_bound(diff, model, x0, 4, idx, p=p, seed=seed, sample_seed=1000 + s, batch_size=20)
             ests.append(r["total_bpd"].mean())
@@ -284,6 +304,16 @@ def test_proposal_and_profile_checks(tmp_path):
         load_profile(tmp_path / "ck2.pt", 10)
     with pytest.raises(NLLError, match="K >= 2"):
         estimate_bound(build_diffusion(DiffusionConfig(steps=10)), tiny_model()[0], digits_batch(1), 1)
+
+
+def test_timestep_draws_follow_the_proposal_and_the_image():
+    p = np.zeros(10)
+    p[[2, 5]] = [0.25, 0.75]
+    a = sample_timesteps(p, 400, seed=3, index=7)
+    assert set(a.tolist()) == {2, 5} and 0.65 < (a == 5).mean() < 0.85
+    assert np.array_equal(a, sample_timesteps(p, 400, seed=3, index=7))
+    assert not np.array_equal(a, sample_timesteps(p, 400, seed=3, index=8))
+    assert not np.array_equal(a, sample_timesteps(p, 400, seed=4, index=7))
 
 
 # ----------------------------------------------------------------------------- checkpoints, CLI, resume
@@ -336,6 +366,9 @@ def test_cli_outputs_resume_and_errors(tmp_path):
     table = read_results(tmp_path / "res.csv")
     assert table["metric"].tolist() == ["bpd"] and table["value"][0] == pytest.approx(resumed["bpd"])
     assert table["ci_low"][0] < resumed["bpd"] < table["ci_high"][0]
+    # the interval is the summary's (so the sweep and the paper runs report the same)
+    assert resumed["bpd_ci_low"] == pytest.approx(resumed["bpd"] - 1.96 * resumed["bpd_stderr"], rel=1e-12)
+    assert (table["ci_low"][0], table["ci_high"][0]) == pytest.approx((resumed["bpd_ci_low"], resumed["bpd_ci_high"]))
     # the loop method gives the same numbers; changed settings in the same folder are refused
     loop = json.loads(run_cli(base + ["--num", "5", "--method", "loop", "--out", str(tmp_path / "c")]).output)
     assert loop["bpd"] == pytest.approx(fresh["bpd"], abs=1e-5)
@@ -360,6 +393,70 @@ def test_cli_outputs_resume_and_errors(tmp_path):
     assert piloted["pilot"] == 5 and piloted["bpd"] == pytest.approx(est["bpd"], abs=1e-6)
     rerun = json.loads(run_cli(args).output)
     assert rerun["new_images"] == 0 and rerun["bpd"] == piloted["bpd"]
+
+
+def test_output_folder_files(tmp_path):
+    from iddpm_eval.nll.files import (Settings, check_settings, default_out_dir, load_parts, read_images_csv,
+                                      save_part, write_images_csv)
+
+    assert default_out_dir("/r/ck/ckpt_000100.pt", "fashion-mnist:test", 16) == \
+        Path("/r/ck/nll-ckpt_000100-fashion-mnist_test-est16")
+    assert default_out_dir("ck.pt", "/data/my set/imgs.npz", None).name == "nll-ck-imgs.npz-exact"
+    st = Settings(checkpoint_sha256="ab", data="digits", T=10, seed=0, cdf="tanh", clip_denoised=True, ema_rate=None)
+    check_settings(tmp_path / "s.json", st)
+    check_settings(tmp_path / "s.json", st)  # the same settings resume
+    with pytest.raises(NLLError, match="other settings .*seed"):
+        check_settings(tmp_path / "s.json", Settings(**{**st.__dict__, "seed": 1}))
+    rows = {3: {"bpd": 1 / 3, "prior_bpd": 1e-9, "decoder_bpd": 0.1, "kl_bpd": 2.0, "kl_var": 0.0}, 0: {
+        "bpd": math.pi, "prior_bpd": 0.0, "decoder_bpd": 0.2, "kl_bpd": 1.0, "kl_var": 1e-300}}
+    write_images_csv(tmp_path / "i.csv", rows)
+    assert read_images_csv(tmp_path / "i.csv") == rows and read_images_csv(tmp_path / "none.csv") == {}
+    (tmp_path / "bad.csv").write_text("index,bpd\n0,1.0\n")
+    with pytest.raises(NLLError, match="not a per-image"):
+        read_images_csv(tmp_path / "bad.csv")
+    terms = np.random.default_rng(0).standard_normal((3, 3, 10))
+    save_part(tmp_path, np.array([4, 5, 6]), terms)
+    got = load_parts(tmp_path, {5, 6, 9}, 10)
+    assert sorted(got) == [5, 6] and np.array_equal(got[6], terms[2])
+    with pytest.raises(NLLError, match="expected"):
+        load_parts(tmp_path, {5}, 12)
+
+
+def test_options_checked_once_for_every_caller():
+    check_options("batched", None, None, None)
+    check_options("batched", 4, "terms.csv", None)
+    for args, msg in ((("loop", 4, None, None), "drop --method loop"), (("batched", None, "t.csv", None), "need --estimate"),
+                      (("batched", None, None, 3), "need --estimate"), (("batched", 4, "t.csv", 3), "not both"),
+                      (("fast", None, None, None), "'batched' or 'loop'")):
+        with pytest.raises(NLLError, match=msg):
+            check_options(*args)
+
+
+def test_load_gives_the_saved_weights_and_the_full_chain(tmp_path):
+    from iddpm_core.provenance import file_sha256
+
+    ck = write_checkpoint(tmp_path / "m.pt", steps=7)
+    lm = load(ck, ema="raw")
+    model, _ = tiny_model()
+    assert lm.diffusion.num_timesteps == 7 and lm.sha256 == file_sha256(ck) and lm.path == str(ck)
+    for (name, a), b in zip(lm.model.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_results_row_carries_the_summary_interval():
+    summary = {"bpd": 3.2, "bpd_stderr": 0.05, "bpd_ci_low": 3.2 - 1.96 * 0.05, "bpd_ci_high": 3.2 + 1.96 * 0.05,
+               "n": 40, "T": 100, "prior_bpd": 1e-5, "decoder_bpd": 0.5, "kl_bpd": 2.7, "method": "estimate",
+               "estimate": 8, "cdf": "tanh", "clip_denoised": True, "seed": 3, "data": "digits", "checkpoint": "m.pt",
+               "checkpoint_sha256": "ab" * 32, "checkpoint_step": 10, "ema_rate": None, "mc_stderr": 0.01,
+               "profile": None, "pilot": 4}
+    row = results_row(summary, "exp")
+    assert row["metric"] == "bpd_est8" and row["value"] == 3.2 and row["n"] == 40 and row["seed"] == 3
+    assert (row["ci_low"], row["ci_high"]) == (summary["bpd_ci_low"], summary["bpd_ci_high"])
+    extra = json.loads(row["extra"])
+    assert extra["mc_stderr"] == 0.01 and extra["pilot"] == 4 and "profile" not in extra
+    exact = results_row(dict(summary, estimate=None, method="batched", mc_stderr=None), "exp")
+    assert exact["metric"] == "bpd" and exact["config_hash"] != row["config_hash"]
+    assert results_row(dict(summary, bpd=3.3), "exp")["config_hash"] == row["config_hash"]
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ Typical use::
     terms = diffusion.training_losses(model, x0, t)       # {"loss", "mse", "vb"}, each [N]
     fast = build_diffusion(cfg, respacing="ddim50")        # 50 of the 1000 steps
     x = ddim_sample_loop(fast, model, (n, 3, 32, 32), generator=g, eta=0.0)
-    bpd = diffusion.calc_bpd_loop(model, x0)["total_bpd"]  # [N]
+    vb = diffusion.vb_terms_bpd(model, x0, diffusion.q_sample(x0, t), t)["output"]  # term t, bits/dim
 """
 
 from .config import DiffusionConfig, build_diffusion

@@ -14,7 +14,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .losses import discretized_gaussian_log_likelihood, normal_kl
 
@@ -321,31 +320,3 @@ class GaussianDiffusion:
         terms["mse"] = mean_flat((target - mean_out) ** 2)
         terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
         return terms
-
-    # ------------------------------------------------------------------ full-chain bits/dim
-    @torch.no_grad()
-    def calc_bpd_loop(self, model: Callable, x_start: torch.Tensor, clip_denoised: bool = True,
-                      exact_cdf: bool = False, generator: torch.Generator | None = None,
-                      progress: bool = False, model_kwargs: dict | None = None) -> dict:
-        """Bits/dim of each image in ``x_start`` over the whole chain.
-
-        For t = T-1 .. 0: x_t ~ q(x_t | x_0), term_t from :meth:`vb_terms_bpd`. Returns "total_bpd"
-        [N] (sum of terms + prior), "prior_bpd" [N], "vb" [N, T], "xstart_mse" [N, T] and "mse" [N, T]
-        (epsilon MSE), columns indexed by t.
-        """
-        N, T = x_start.shape[0], self.num_timesteps
-        vb, xstart_mse, eps_mse = [None] * T, [None] * T, [None] * T
-        for i in tqdm(range(T - 1, -1, -1), desc="bpd", disable=not progress, leave=False):
-            t = torch.full((N,), i, dtype=torch.long, device=x_start.device)
-            noise = randn(x_start.shape, generator, x_start.device, x_start.dtype)
-            x_t = self.q_sample(x_start, t, noise=noise)
-            out = self.vb_terms_bpd(model, x_start, x_t, t, clip_denoised=clip_denoised,
-                                    model_kwargs=model_kwargs, exact_cdf=exact_cdf)
-            vb[i] = out["output"]
-            xstart_mse[i] = mean_flat((out["pred_xstart"] - x_start) ** 2)
-            eps = self.predict_eps_from_xstart(x_t, t, out["pred_xstart"])
-            eps_mse[i] = mean_flat((eps - noise) ** 2)
-        vb_t = torch.stack(vb, dim=1)
-        prior = self.prior_bpd(x_start)
-        return {"total_bpd": vb_t.sum(dim=1) + prior, "prior_bpd": prior, "vb": vb_t,
-                "xstart_mse": torch.stack(xstart_mse, dim=1), "mse": torch.stack(eps_mse, dim=1)}

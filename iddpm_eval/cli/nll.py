@@ -50,19 +50,13 @@ def nll(checkpoint, data, num, batch_size, exact_cdf, clip_denoised, estimate, p
     per image, with the mean and its standard error. Reruns with the same --out resume."""
     from iddpm_core.data import DataError
     from iddpm_eval.cli.outputs import check_output, check_results, record
-    from iddpm_eval.nll import default_out_dir, evaluate
+    from iddpm_eval.nll import NLLError, check_options, default_out_dir, evaluate, results_row
 
-    if (profile is not None or pilot) and estimate is None:
-        raise click.UsageError("--profile and --pilot need --estimate K")
-    if profile is not None and pilot:
-        raise click.UsageError("give --profile or --pilot, not both")
-    if estimate is not None and method == "loop":
-        raise click.UsageError("--estimate uses the batched method; drop --method loop")
-    if ema is not None and ema != "raw":
-        try:
-            ema = float(ema)
-        except ValueError:
-            raise click.UsageError(f"--ema must be a rate such as 0.9999 or 'raw', got {ema!r}") from None
+    try:
+        check_options(method, estimate, profile, pilot)
+    except NLLError as exc:
+        raise click.UsageError(str(exc)) from None
+    ema = _ema_rate(ema)
     check_results(results, experiment)
     if out_dir is not None:
         check_output(out_dir, "--out", folder=True)
@@ -76,32 +70,31 @@ def nll(checkpoint, data, num, batch_size, exact_cdf, clip_denoised, estimate, p
                        progress=not no_progress)
     except (DataError, ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
+    _echo(out, as_json)
+    if results:  # printed first, so a failed write loses nothing the user has not seen
+        record(results, [results_row(out, experiment)])
+
+
+def _ema_rate(ema: str | None) -> str | float | None:
+    if ema is None or ema == "raw":
+        return ema
+    try:
+        return float(ema)
+    except ValueError:
+        raise click.UsageError(f"--ema must be a rate such as 0.9999 or 'raw', got {ema!r}") from None
+
+
+def _echo(out: dict, as_json: bool) -> None:
+    """The summary as JSON (non-finite numbers as null) or as three lines of text."""
     if as_json:
         click.echo(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                                for k, v in out.items()}, sort_keys=True))
-    else:
-        se = out["bpd_stderr"]
-        se_txt = f" +- {se:.4f}" if se is not None and math.isfinite(se) else ""
-        what = ("exact bound" if not estimate
-                else f"estimate from K={estimate} timesteps (MC stderr {out['mc_stderr']:.4f})")
-        click.echo(f"{out['bpd']:.4f}{se_txt} bits/dim over {out['n']} images, T = {out['T']}, {what}, "
-                   f"{out['cdf']} CDF")
-        click.echo(f"prior {out['prior_bpd']:.6f}  decoder {out['decoder_bpd']:.4f}  KL terms {out['kl_bpd']:.4f}")
-        click.echo(f"outputs in {out['out_dir']}")
-    if results:  # printed first, so a failed write loses nothing the user has not seen
-        from iddpm_core.provenance import config_hash
-        from iddpm_eval.tables import result_row
-
-        se = out["bpd_stderr"]
-        ci = (None, None) if se is None or not math.isfinite(se) else (out["bpd"] - 1.96 * se, out["bpd"] + 1.96 * se)
-        extra = {k: out[k] for k in ("T", "prior_bpd", "decoder_bpd", "kl_bpd", "method", "estimate", "clip_denoised",
-                                     "data", "checkpoint", "checkpoint_step", "ema_rate")}
-        for k in ("mc_stderr", "profile", "pilot"):
-            if out.get(k) is not None:
-                extra[k] = out[k]
-        record(results, [result_row(
-            experiment=experiment, metric="bpd" if not estimate else f"bpd_est{estimate}", value=out["bpd"],
-            ci_low=ci[0], ci_high=ci[1], n=out["n"], mode=out["cdf"], seed=seed,
-            checkpoint_hash=out["checkpoint_sha256"],
-            config_hash=config_hash({k: out[k] for k in ("T", "cdf", "clip_denoised", "estimate", "data")}),
-            extra=extra)])
+        return
+    se = out["bpd_stderr"]
+    se_txt = f" +- {se:.4f}" if se is not None and math.isfinite(se) else ""
+    what = ("exact bound" if not out["estimate"]
+            else f"estimate from K={out['estimate']} timesteps (MC stderr {out['mc_stderr']:.4f})")
+    click.echo(f"{out['bpd']:.4f}{se_txt} bits/dim over {out['n']} images, T = {out['T']}, {what}, "
+               f"{out['cdf']} CDF")
+    click.echo(f"prior {out['prior_bpd']:.6f}  decoder {out['decoder_bpd']:.4f}  KL terms {out['kl_bpd']:.4f}")
+    click.echo(f"outputs in {out['out_dir']}")
