@@ -218,6 +218,28 @@ def test_bootstrap_of_noise_free_data_gives_back_the_law_on_every_resample():
     assert np.isnan(too_few).all()
 
 
+def test_percentile_interval_ignores_failed_resamples():
+    draws = np.column_stack([np.arange(101.0), 2 * np.arange(101.0)])
+    lo, hi = S.percentile_ci(np.vstack([draws, np.full((7, 2), np.nan)]), 0.9)
+    np.testing.assert_allclose(lo, [5.0, 10.0])
+    np.testing.assert_allclose(hi, [95.0, 190.0])
+
+
+def test_estimate_k_is_the_median_flops_per_parameter_image():
+    t = pd.DataFrame({"params": [1e5, 2e5, 4e5], "images_seen": [10.0, 20.0, 40.0],
+                      "train_flops": [6 * 1e6, 7 * 4e6, 100 * 16e6]})
+    assert S.estimate_k(t) == pytest.approx(7.0)
+
+
+def test_parameter_table_csv_reads_back(tmp_path):
+    t = pd.DataFrame({"parameter": ["E", "alpha"], "value": [1.25, 1 / 3], "ci_low": [1.0, np.nan],
+                      "ci_high": [1.5, np.nan]})
+    path = S.write_csv(t, tmp_path / "sub" / "fit.csv")
+    back = S.read_table(path)
+    assert back["parameter"].tolist() == ["E", "alpha"] and np.isnan(back["ci_low"][1])
+    np.testing.assert_allclose(back["value"], t["value"], rtol=1e-9)
+
+
 # --------------------------------------------------------------------------- frontier
 
 
