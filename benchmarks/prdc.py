@@ -124,7 +124,7 @@ def _comparison_rows(res: dict, args) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=10000, help="points per set for the three-way comparison")
     ap.add_argument("--dim", type=int, default=2048)
@@ -135,48 +135,50 @@ def main() -> None:
                     help="comma list of thread caps for the comparison; 0 = library defaults (all cores)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.worker:
-        method, rp, fp, bs = args.worker
-        print(json.dumps(worker(method, rp, fp, int(bs))))
-        return
+    return ap.parse_args()
 
-    sys.path.insert(0, str(ROOT))
-    from iddpm_core.io import write_text
 
+def _measured_rows(args, tmp: Path) -> tuple[list[dict], dict]:
+    """The three-way comparison at each thread cap, then the memory-bound run of this project;
+    also returns this project's default-threads result (for the derived rows)."""
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        rp, fp = Path(tmp) / "real.npy", Path(tmp) / "fake.npy"
-        np.save(rp, features(args.n, args.dim, seed=1))
-        np.save(fp, features(args.n, args.dim, seed=2, shift=0.1))
-        ours = None  # our default-threads run, for the derived memory row
-        for threads in [int(t) for t in args.threads.split(",")]:
-            res = {}
-            for method in ("iddpm", "torch-fidelity", "prdc"):
-                res[method] = run(method, rp, fp, args.block_size, threads)
-                print(method, threads, res[method], flush=True)
-            rows += _comparison_rows(res, args)
-            if ours is None or threads == 0:
-                ours = res["iddpm"]
-        if args.n_big:
-            for p in (rp, fp):
-                p.unlink()
-            np.save(rp, features(args.n_big, args.dim_big, seed=3))
-            np.save(fp, features(args.n_big, args.dim_big, seed=4, shift=0.1))
-            r = run("iddpm", rp, fp, args.block_size)
-            print("iddpm big", r, flush=True)
-            rows.append({"method": "iddpm", "n_real": args.n_big, "n_fake": args.n_big, "dim": args.dim_big, "k": K,
-                         "block_size": args.block_size, "seconds": round(r["seconds"], 3), "time_vs_iddpm": "",
-                         "peak_rss_mb": round(r["peak_mb"], 1), "extra_peak_mb": round(r["peak_mb"] - r["base_mb"], 1),
-                         "precision": r["precision"], "recall": r["recall"], "density": r["density"],
-                         "coverage": r["coverage"], "agrees_with_iddpm": "", "how": "measured",
-                         "threads": r["threads"]})
+    rp, fp = tmp / "real.npy", tmp / "fake.npy"
+    np.save(rp, features(args.n, args.dim, seed=1))
+    np.save(fp, features(args.n, args.dim, seed=2, shift=0.1))
+    ours = None  # our default-threads run, for the derived memory row
+    for threads in [int(t) for t in args.threads.split(",")]:
+        res = {}
+        for method in ("iddpm", "torch-fidelity", "prdc"):
+            res[method] = run(method, rp, fp, args.block_size, threads)
+            print(method, threads, res[method], flush=True)
+        rows += _comparison_rows(res, args)
+        if ours is None or threads == 0:
+            ours = res["iddpm"]
+    if args.n_big:
+        for p in (rp, fp):
+            p.unlink()
+        np.save(rp, features(args.n_big, args.dim_big, seed=3))
+        np.save(fp, features(args.n_big, args.dim_big, seed=4, shift=0.1))
+        r = run("iddpm", rp, fp, args.block_size)
+        print("iddpm big", r, flush=True)
+        rows.append({"method": "iddpm", "n_real": args.n_big, "n_fake": args.n_big, "dim": args.dim_big, "k": K,
+                     "block_size": args.block_size, "seconds": round(r["seconds"], 3), "time_vs_iddpm": "",
+                     "peak_rss_mb": round(r["peak_mb"], 1), "extra_peak_mb": round(r["peak_mb"] - r["base_mb"], 1),
+                     "precision": r["precision"], "recall": r["recall"], "density": r["density"],
+                     "coverage": r["coverage"], "agrees_with_iddpm": "", "how": "measured",
+                     "threads": r["threads"]})
+    return rows, ours
+
+
+def _derived_rows(args, ours: dict) -> list[dict]:
+    """Peak memory at 50,000 x 50,000 x 2048, derived rather than measured."""
     # Derived for 50k x 50k x 2048 float32: the features themselves (2 x N x D x 4 bytes) plus the
     # working set, which depends on the block size only (distance block b^2 float32, centred row
     # blocks b x D, index lists of one row chunk) except for per-point arrays: k + 8 float32
     # candidates with int64 indices, their merge copies, norms, radii and flags, < 320 bytes per point.
     # So: extra(50k) = extra measured above at N = args.n (full blocks when N >= block size) + 320 B
     # per additional point.
+    rows = []
     b, n, d = args.block_size, 50000, 2048
     if args.n >= b and args.dim == d:
         working = ours["peak_mb"] - ours["base_mb"] + 320 * 2 * (n - args.n) / 2**20
@@ -193,6 +195,22 @@ def main() -> None:
                      "extra_peak_mb": round(full, 1), "precision": "", "recall": "", "density": "",
                      "coverage": "", "agrees_with_iddpm": "", "how": "derived (lower bound: full matrices)",
                      "threads": ""})
+    return rows
+
+
+def main() -> None:
+    args = _args()
+    if args.worker:
+        method, rp, fp, bs = args.worker
+        print(json.dumps(worker(method, rp, fp, int(bs))))
+        return
+
+    sys.path.insert(0, str(ROOT))
+    from iddpm_core.io import write_text
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rows, ours = _measured_rows(args, Path(tmp))
+    rows += _derived_rows(args, ours)
     stamp = {"cpus": os.cpu_count(), "machine": platform.machine(),
              "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
     rows = [{**r, **stamp} for r in rows]

@@ -98,9 +98,8 @@ def evaluate_sampling_steps(checkpoint: str, run_info: dict) -> dict:
     return row
 
 
-def gradient_noise_of_checkpoint(checkpoint: str, data: str, data_root, mine: dict, seed: int) -> dict:
+def _gradient_noise_of_checkpoint(checkpoint: str, data: str, data_root, mine: dict, seed: int) -> dict:
     import numpy as np
-    import torch
 
     from iddpm_core.checkpoint import load_checkpoint
     from iddpm_core.data import load_source, to_model_range
@@ -133,6 +132,6 @@ def evaluate_gradient_noise(checkpoint: str, run_info: dict) -> dict:
     row = sweep_eval.evaluate_checkpoint(checkpoint, {**run_info, "eval": {k: v for k, v in s.items()
                                                                           if k in sweep_eval.DEFAULTS}})
     if int(mine["gn_groups"]):
-        row.update(gradient_noise_of_checkpoint(checkpoint, run_info["data"], run_info.get("data_root"), mine,
-                                                int(s["seed"])))
+        row.update(_gradient_noise_of_checkpoint(checkpoint, run_info["data"], run_info.get("data_root"), mine,
+                                                 int(s["seed"])))
     return row

@@ -115,7 +115,7 @@ def plot_joint(result, path: str | os.PathLike, *, n_col: str = "params", d_col:
 
 
 def plot_isoflop(result: dict, path: str | os.PathLike, *, n_grid: int = 200) -> Path:
-    """IsoFLOP profiles (:func:`iddpm_eval.scaling_checks.isoflop_profiles`): left, y against model
+    """IsoFLOP profiles (:func:`iddpm_eval.scaling.checks.isoflop_profiles`): left, y against model
     size per budget with the interpolating spline and its minimum; right, the compute-optimal size
     against budget with intervals and the fitted power law."""
     from matplotlib import colormaps

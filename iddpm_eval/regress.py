@@ -32,24 +32,13 @@ compared (unreadable, missing columns), a matched metric with no tolerance entry
 different weights (``weights_sha256``) or with a different feature network (``detector`` in the
 row's extra, Inception implied for rows in an Inception mode) give exit code 2.
 
-There is no implicit default tolerance. Without a tolerance file the built-in table
-:data:`BUILTIN_TOLERANCES` is used (no ``default`` entry); a file may add ``[default]``.
-
-Tolerance file (TOML, or JSON with the same structure)::
-
-    [default]                 # optional: applies to metrics without their own entry
-    rel = 0.05
-    [metrics.fid]
-    abs = 0.5                 # allowed absolute change
-    rel = 0.02                # allowed change relative to |baseline|
-    higher_is_better = false  # omit for two-sided
-    ci = true                 # excuse changes within the noise the intervals give (z-test)
+The tolerances come from a file read by :mod:`iddpm_eval.tolerances` (without one, its built-in
+table :data:`~iddpm_eval.tolerances.BUILTIN_TOLERANCES`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -58,110 +47,19 @@ from typing import Any
 
 import pandas as pd
 
-from iddpm_core.config import refuse_unknown
 from iddpm_core.io import atomic_path
 from iddpm_eval.tables import _file_mode, read_results
+from iddpm_eval.tolerances import RegressError, Tolerance, Tolerances, load_tolerances, parse_tolerances
+
+# the gate's callers (CLI, tests) take the tolerance names from here too
+__all__ = ["COMPARISON_COLUMNS", "EXIT_INCOMPARABLE", "EXIT_OK", "EXIT_REGRESSION", "Z95",
+           "Comparison", "RegressError", "Tolerance", "Tolerances", "compare_files", "compare_tables",
+           "detector_mismatch", "format_comparison", "interval_problem", "load_tolerances", "metrics_without_tolerance",
+           "noise_threshold", "parse_tolerances", "update_baseline", "write_comparison"]
 
 EXIT_OK, EXIT_REGRESSION, EXIT_INCOMPARABLE = 0, 1, 2
 _ULPS = 8 * 2.220446049250313e-16  # float noise allowed on top of a tolerance
 Z95 = 1.959963984540054  # two-sided 95% normal quantile: intervals are read, and d is tested, at 95%
-
-
-class RegressError(ValueError):
-    """The tables or the tolerance file cannot be compared (exit code 2)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Tolerance:
-    abs: float = 0.0
-    rel: float = 0.0
-    higher_is_better: bool | None = None
-    ci: bool = True
-
-    def allowed(self, baseline: float) -> float:
-        return max(self.abs, self.rel * abs(baseline))
-
-
-@dataclasses.dataclass
-class Tolerances:
-    metrics: dict[str, Tolerance]
-    default: Tolerance | None = None
-    source: str = "built-in"
-
-    def get(self, metric: str) -> Tolerance | None:
-        return self.metrics.get(metric, self.default)
-
-
-# Built-in tolerances for the suite's own metric names, for comparing two runs of a measurement
-# (tables of a few thousand images). CI uses its own file, results/ci/tolerances.toml.
-BUILTIN_TOLERANCES: dict[str, Any] = {
-    "metrics": {
-        "fid": {"abs": 0.5, "rel": 0.02, "higher_is_better": False},
-        "sfid": {"abs": 0.5, "rel": 0.02, "higher_is_better": False},
-        "kid": {"abs": 0.002, "rel": 0.05, "higher_is_better": False},
-        "precision": {"abs": 0.02, "higher_is_better": True},
-        "recall": {"abs": 0.02, "higher_is_better": True},
-        "density": {"abs": 0.03, "higher_is_better": True},
-        "coverage": {"abs": 0.02, "higher_is_better": True},
-        "bpd": {"abs": 0.01, "rel": 0.005, "higher_is_better": False},
-        "nll": {"abs": 0.01, "rel": 0.005, "higher_is_better": False},
-    }
-}
-
-_KEYS = {f.name for f in dataclasses.fields(Tolerance)}
-
-
-def _tolerance(entry: Any, where: str) -> Tolerance:
-    if not isinstance(entry, dict):
-        raise RegressError(f"{where}: expected a table of abs/rel/higher_is_better/ci, got {entry!r}")
-    refuse_unknown(entry, _KEYS, where, RegressError)
-    kw: dict[str, Any] = {}
-    for k in ("abs", "rel"):
-        if k in entry:
-            v = entry[k]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise RegressError(f"{where}: {k!r} must be a finite number >= 0, got {v!r}")
-            kw[k] = float(v)
-    for k in ("higher_is_better", "ci"):
-        if k in entry:
-            if not isinstance(entry[k], bool):
-                raise RegressError(f"{where}: {k!r} must be true or false, got {entry[k]!r}")
-            kw[k] = entry[k]
-    return Tolerance(**kw)
-
-
-def parse_tolerances(data: Any, source: str) -> Tolerances:
-    """Build :class:`Tolerances` from the parsed file structure ({"default": ..., "metrics": {...}})."""
-    if not isinstance(data, dict):
-        raise RegressError(f"tolerances {source}: expected a table at top level")
-    unknown = sorted(set(data) - {"default", "metrics"})
-    if unknown:
-        raise RegressError(f"tolerances {source}: unknown section(s) {unknown}; allowed: default, metrics")
-    metrics = data.get("metrics", {})
-    if not isinstance(metrics, dict):
-        raise RegressError(f"tolerances {source}: 'metrics' must be a table of metric names")
-    parsed = {str(m): _tolerance(e, f"tolerances {source}: metrics.{m}") for m, e in metrics.items()}
-    default = _tolerance(data["default"], f"tolerances {source}: default") if "default" in data else None
-    return Tolerances(parsed, default, source)
-
-
-def load_tolerances(path: str | os.PathLike | None = None) -> Tolerances:
-    """Read a TOML (``.toml``) or JSON tolerance file; ``None`` gives the built-in table."""
-    if path is None:
-        return parse_tolerances(BUILTIN_TOLERANCES, "built-in")
-    path = Path(path)
-    if not path.is_file():
-        raise RegressError(f"tolerances file not found: {path}")
-    try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(path.read_text())
-        else:
-            import tomllib
-
-            data = tomllib.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as err:  # TOMLDecodeError and JSONDecodeError are ValueErrors
-        raise RegressError(f"tolerances {path}: cannot be parsed: {err}") from None
-    return parse_tolerances(data, str(path))
 
 
 def _interval(row: pd.Series) -> tuple[float, float] | None:

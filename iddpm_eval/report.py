@@ -119,7 +119,7 @@ HEADERS = ["metric", "value", "interval", "n", "mode", "seed", "config", "checkp
 _ALWAYS = ("metric", "value")
 
 
-def table_cells(df: pd.DataFrame, with_source: bool = False) -> tuple[list[str], list[list[str]]]:
+def _table_cells(df: pd.DataFrame, with_source: bool = False) -> tuple[list[str], list[list[str]]]:
     """Headers and display strings for one experiment's rows (hashes shortened to 12 characters).
 
     Columns empty in every row are left out (metric and value are always shown); ``table`` (the
@@ -156,7 +156,7 @@ def _md_link(target: Path, out_dir: Path) -> str:
     return f"<{rel}>" if re.search(r"[\s()<>]", rel) else rel
 
 
-def render_markdown(data: ReportData, out_dir: Path, title: str = "Results report") -> str:
+def _render_markdown(data: ReportData, out_dir: Path, title: str = "Results report") -> str:
     """Markdown text; figure links are relative to ``out_dir`` (the report's folder)."""
     out = [f"# {title}", "", f"Generated {utc_now()} by iddpm {package_version()} from:", ""]
     for p, sha, n in data.sources:
@@ -167,7 +167,7 @@ def render_markdown(data: ReportData, out_dir: Path, title: str = "Results repor
         out += [f"## {exp}", ""]
         if exp != OTHER:
             df = data.rows[data.rows["experiment"] == exp]
-            headers, body = table_cells(df, len(data.sources) > 1)
+            headers, body = _table_cells(df, len(data.sources) > 1)
             out.append("| " + " | ".join(headers) + " |")
             out.append("|" + "|".join("---" for _ in headers) + "|")
             for cells in body:
@@ -195,7 +195,7 @@ def _img_tag(fig: Figure) -> str:
     return f'<figure><img alt="{cap}" src="data:{mime};base64,{b64}"><figcaption>{cap}</figcaption></figure>'
 
 
-def render_html(data: ReportData, title: str = "Results report") -> str:
+def _render_html(data: ReportData, title: str = "Results report") -> str:
     """A standalone HTML page: per experiment its table with the figures beside it (base64)."""
     e = html.escape
     out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
@@ -209,7 +209,7 @@ def render_html(data: ReportData, title: str = "Results report") -> str:
         out.append(f"<section><h2>{e(exp)}</h2><div class='exp'>")
         if exp != OTHER:
             df = data.rows[data.rows["experiment"] == exp]
-            headers, body = table_cells(df, len(data.sources) > 1)
+            headers, body = _table_cells(df, len(data.sources) > 1)
             out.append("<div><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in headers) + "</tr>")
             for cells in body:
                 out.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>")
@@ -236,9 +236,9 @@ def write_report(results: Sequence[str | os.PathLike], output: str | os.PathLike
         html_output = output.suffix.lower() in (".html", ".htm")
     data = collect(results)
     if html_output:
-        text = render_html(data, title)
+        text = _render_html(data, title)
     else:
-        text = render_markdown(data, output.resolve().parent, title)
+        text = _render_markdown(data, output.resolve().parent, title)
     mode = _file_mode(output)
     with atomic_path(output) as tmp:
         tmp.write_text(text, encoding="utf-8")

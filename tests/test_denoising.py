@@ -103,3 +103,30 @@ def test_zero_predictor_returns_the_rescaled_noisy_image():
 def test_denoising_rows_refuses_float_images():
     with pytest.raises(ValueError, match="uint8 NHWC"):
         denoising_rows(torch.nn.Linear(1, 1), DIFF, np.zeros((2, 4, 4, 1), np.float32))
+
+
+def test_checkpoint_rows_use_the_ema_weights_on_the_first_images(tmp_path):
+    from iddpm_core.checkpoint import save_checkpoint
+    from iddpm_core.data import load_source
+    from iddpm_core.ema import rate_key
+    from iddpm_core.models import ModelConfig, build_model
+    from iddpm_eval.denoising import denoising_of_checkpoint
+
+    cfg = ModelConfig(kind="unet", image_size=8, in_channels=1, base_channels=8, channel_mult=(1, 2),
+                      attention_resolutions=(4,), num_heads=2, learn_sigma=True)
+    dcfg = DiffusionConfig(steps=10)
+    torch.manual_seed(0)
+    raw, ema = build_model(cfg), build_model(cfg)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = tmp_path / "ck.pt"
+    save_checkpoint(path, raw, cfg, diffusion_config=dcfg.to_dict(), step=3,
+                    ema={rate_key(0.999): ema.state_dict()})
+    rows = denoising_of_checkpoint(str(path), "digits", num=3, sigmas=(0.2,), seed=1, batch_size=2)
+    images = load_source("digits").batch([0, 1, 2])[0]
+    want = denoising_rows(ema.eval(), build_diffusion(dcfg, ""), images, (0.2,), 1, 2)
+    raw_rows = denoising_rows(raw.eval(), build_diffusion(dcfg, ""), images, (0.2,), 1, 2)
+    assert len(rows) == 1 and rows[0]["step"] == 3 and rows[0]["kind"] == "unet" and rows[0]["n"] == 3
+    assert rows[0]["denoised_psnr"] == pytest.approx(want[0]["denoised_psnr"], rel=1e-6)
+    assert rows[0]["denoised_psnr"] != pytest.approx(raw_rows[0]["denoised_psnr"], rel=1e-6)

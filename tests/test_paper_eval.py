@@ -130,3 +130,25 @@ def test_estimate_scales_measured_costs_by_the_preset_counts():
     per = lambda f: 8 * (4 * f + 0.5) + 4 * 2 * f * 1.5  # noqa: E731
     want = sum(2 * per(0.01 * (w / 8) ** 2) for w in (8, 12, 16, 20)) + 16 * 0.5  # + the reference images
     assert e["eval_s"] == pytest.approx(want)
+
+
+def test_measured_costs_load_and_give_an_estimate(tmp_path):
+    from iddpm_eval.experiment.estimate import estimate, load_costs
+    from iddpm_eval.experiment.spec import load_experiment
+
+    p = tmp_path / "timing.csv"
+    p.write_text("what,width,seconds\ntrain_step,8,2.0\ntrain_step,16,6.5\ninception_per_image,,0.5\n")
+    assert load_costs(p) == {"train_step": {8: 2.0, 16: 6.5}, "inception_per_image": {0: 0.5}}
+    # the committed timing file holds every cost the estimate of a paper spec asks for
+    spec = Path(__file__).resolve().parent.parent / "benchmarks" / "paper" / "importance_sampling.toml"
+    e = estimate(load_experiment(spec, "smoke"), load_costs(Path(__file__).resolve().parent.parent / "results"
+                                                             / "paper" / "timing.csv"))
+    assert e["train_s"] > 0 and e["eval_s"] > 0 and e["total_s"] == pytest.approx(e["train_s"] + e["eval_s"])
+
+
+def test_importance_sampling_spec_names_the_gradient_noise_hook():
+    from iddpm_eval import paper_eval
+    from iddpm_eval.experiment.spec import load_experiment
+
+    spec = Path(__file__).resolve().parent.parent / "benchmarks" / "paper" / "importance_sampling.toml"
+    assert sw.load_hook(load_experiment(spec, "smoke").eval_hook) is paper_eval.evaluate_gradient_noise

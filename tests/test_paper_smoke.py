@@ -89,6 +89,18 @@ def test_rerun_skips_finished_work_and_keeps_the_numbers(smoke):
         pd.testing.assert_frame_equal(before, after)
 
 
+
+def test_run_experiment_on_finished_work_only_writes_the_report(smoke, tmp_path):
+    from iddpm_eval.experiment.run import run_experiment
+    from iddpm_eval.experiment.spec import load_experiment
+
+    work, out, _ = smoke["ablation"]
+    exp = load_experiment(REPO / "benchmarks" / "paper" / EXPERIMENTS["ablation"], "smoke")
+    res = run_experiment(exp, work, tmp_path / "again", progress=False, echo=lambda *a: None)
+    assert res["trained"] == [] and res["evaluated"] == [] and len(res["skipped"]) == len(exp.runs)
+    pd.testing.assert_frame_equal(pd.read_csv(out / "table.csv"), pd.read_csv(tmp_path / "again" / "table.csv"))
+    assert (tmp_path / "again" / "README.md").read_text().startswith("# ablation (preset `smoke`)")
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(EXPERIMENTS))
 def test_fresh_run_with_the_same_seed_reproduces_the_numbers(smoke, tmp_path, name):

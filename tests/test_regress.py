@@ -332,3 +332,34 @@ def test_different_n_is_noted(tmp_path):
     b = table(tmp_path / "b.csv", [("e", "fid", 10.0, {"n": 5000})])
     code, out = run("--baseline", a, "--current", b)
     assert code == 0 and "n differs: 1000 vs 5000" in out
+
+
+def test_file_level_api_compares_reports_writes_and_updates(tmp_path):
+    a = table(tmp_path / "a.csv", BASE)
+    b = table(tmp_path / "b.csv", BASE[:2] + [("mnist", "bpd", 1.8), ("mnist", "odd", 1.0)])
+    tol = tol_file(tmp_path, "[metrics.fid]\nabs = 0.5\n[metrics.precision]\nabs = 0.02\n"
+                             "[metrics.bpd]\nabs = 0.01\n")
+    assert rg.metrics_without_tolerance(b, tol) == ["odd"]
+    comp = rg.compare_files(a, b, tol)
+    assert comp.exit_code == rg.EXIT_REGRESSION
+    text = rg.format_comparison(comp)
+    assert text.splitlines()[-1] == "FAIL (regression): 1 REGRESSION, 1 added, 2 ok"
+    rg.write_comparison(comp, tmp_path / "cmp.csv")
+    written = pd.read_csv(tmp_path / "cmp.csv")
+    assert list(written.columns) == rg.COMPARISON_COLUMNS and len(written) == 4
+    rg.update_baseline(b, a)
+    assert a.read_bytes() == b.read_bytes()
+    with pytest.raises(rg.RegressError, match="current table cannot be read"):
+        rg.update_baseline(tmp_path / "nothing.csv", a)
+
+
+def test_noise_threshold_is_the_root_sum_of_squares_of_the_facing_halves():
+    def row(v, lo, hi, extra=None):
+        return pd.Series({"value": v, "ci_low": lo, "ci_high": hi, "mode": "legacy-tf", "extra": extra})
+
+    b, c = row(10.0, 9.0, 10.0 + 3 * rg.Z95), row(12.0, 12.0 - 4 * rg.Z95, 20.0)
+    assert rg.noise_threshold(b, c) == pytest.approx(rg.Z95 * 5.0)  # se_b = 3, se_c = 4 (the facing halves)
+    assert rg.noise_threshold(row(1.0, math.nan, math.nan), row(2.0, math.nan, math.nan)) == 0.0
+    dino = json.dumps({"detector": "dinov2-vitb14"})
+    assert rg.detector_mismatch(b, row(12.0, 11.0, 13.0, dino)) == "detector 'inception-2015-12-05' vs 'dinov2-vitb14'"
+    assert rg.detector_mismatch(b, c) is None

@@ -12,6 +12,11 @@ from scipy.optimize import approx_fprime, curve_fit, minimize_scalar
 from threadpoolctl import threadpool_limits
 
 from iddpm_eval import scaling as S
+from iddpm_eval.scaling.bootstrap import bootstrap
+from iddpm_eval.scaling.fit import fit_logs, one_thread
+from iddpm_eval.scaling.law import box_bounds, model_for
+from iddpm_eval.scaling.lbfgs import lbfgs, lbfgs_batch
+from iddpm_eval.scaling.points import select_points
 from iddpm_eval.cli import main
 
 
@@ -32,7 +37,7 @@ def test_huber_closed_form():
 @pytest.mark.parametrize("form", ["saturating", "power", "fixed-E", "joint"])
 def test_gradient_matches_finite_differences(form):
     rng = np.random.default_rng(3)
-    model = S._model_for(form, 0.7 if form == "fixed-E" else None)
+    model = model_for(form, 0.7 if form == "fixed-E" else None)
     n = 25
     z = rng.normal(size=(n, model.n_terms))
     theta = rng.normal(scale=0.5, size=model.n_params)
@@ -117,17 +122,38 @@ def test_batched_lbfgs_matches_scipy_per_resample():
     x = np.logspace(0, 4, 20)
     y = (1 + 10 * x ** -0.5) * np.exp(0.05 * rng.standard_normal(x.size))
     fit = S.fit_power_law(x, y)
-    model = S._model_for("saturating", None)
+    model = model_for("saturating", None)
     z = (np.log(x) - fit.center)[:, None]
     ly = np.log(y)
     W = np.stack([S.run_weights(np.arange(x.size), rng) for _ in range(20)])
-    bounds = S._bounds(model, ly)
+    bounds = box_bounds(model, ly)
     with threadpool_limits(1):
-        th, f = S._lbfgs_batch(model, np.repeat(fit.theta[None], len(W), 0), z, ly, W, S.DELTA, bounds)
+        th, f = lbfgs_batch(model, np.repeat(fit.theta[None], len(W), 0), z, ly, W, S.DELTA, bounds)
         for b in range(len(W)):
-            ref = S._lbfgs(model, fit.theta, z, ly, W[b], S.DELTA, bounds)
+            ref = lbfgs(model, fit.theta, z, ly, W[b], S.DELTA, bounds)
             np.testing.assert_allclose(th[b], ref.x, rtol=0, atol=1e-6)
             assert f[b] <= ref.fun * S.DELTA ** 2 * (1 + 1e-9)
+
+
+def test_row_weights_count_as_repeated_rows():
+    # fit_logs takes log inputs and row multiplicities: weight 2 is the same fit as the row twice
+    rng = np.random.default_rng(4)
+    x = np.logspace(0, 4, 12)
+    y = (1 + 10 * x ** -0.5) * np.exp(0.05 * rng.standard_normal(x.size))
+    w = rng.integers(0, 3, size=x.size).astype(float)
+    fit = fit_logs("saturating", np.log(x), np.log(y), w)
+    rep = np.repeat(np.arange(x.size), w.astype(int))
+    ref = S.fit_power_law(x[rep], y[rep])
+    assert fit.n_points == np.count_nonzero(w)
+    for k in ("E", "A", "alpha"):
+        assert rel(fit.params[k], ref.params[k]) < 1e-6, k
+
+
+def test_fits_run_with_one_blas_thread():
+    from threadpoolctl import threadpool_info
+
+    threads = one_thread(lambda: [p["num_threads"] for p in threadpool_info()])()
+    assert threads and set(threads) == {1}
 
 
 # --------------------------------------------------------------------------- bootstrap
@@ -177,6 +203,43 @@ def test_bootstrap_over_runs_ignores_checkpoint_multiplicity():
                                rtol=1e-6)
 
 
+def test_bootstrap_of_noise_free_data_gives_back_the_law_on_every_resample():
+    # any resample of exact data has the same optimum; a resample with too few points is NaN
+    x = np.logspace(0, 4, 8)
+    y = 1.3 + 7.0 * x ** -0.45
+    fit = S.fit_power_law(x, y)
+    boot = bootstrap(fit, np.log(x), np.log(y), np.arange(x.size), lambda present: present, 30, 0,
+                     progress=False)
+    assert boot.shape == (30, 3) and not np.isnan(boot).all()
+    ok = ~np.isnan(boot).any(axis=1)
+    np.testing.assert_allclose(boot[ok], np.tile([1.3, 7.0, 0.45], (ok.sum(), 1)), rtol=1e-5)
+    too_few = bootstrap(fit, np.log(x), np.log(y), np.arange(x.size), lambda present: present & (x < 3), 10, 0,
+                         progress=False)
+    assert np.isnan(too_few).all()
+
+
+def test_percentile_interval_ignores_failed_resamples():
+    draws = np.column_stack([np.arange(101.0), 2 * np.arange(101.0)])
+    lo, hi = S.percentile_ci(np.vstack([draws, np.full((7, 2), np.nan)]), 0.9)
+    np.testing.assert_allclose(lo, [5.0, 10.0])
+    np.testing.assert_allclose(hi, [95.0, 190.0])
+
+
+def test_estimate_k_is_the_median_flops_per_parameter_image():
+    t = pd.DataFrame({"params": [1e5, 2e5, 4e5], "images_seen": [10.0, 20.0, 40.0],
+                      "train_flops": [6 * 1e6, 7 * 4e6, 100 * 16e6]})
+    assert S.estimate_k(t) == pytest.approx(7.0)
+
+
+def test_parameter_table_csv_reads_back(tmp_path):
+    t = pd.DataFrame({"parameter": ["E", "alpha"], "value": [1.25, 1 / 3], "ci_low": [1.0, np.nan],
+                      "ci_high": [1.5, np.nan]})
+    path = S.write_csv(t, tmp_path / "sub" / "fit.csv")
+    back = S.read_table(path)
+    assert back["parameter"].tolist() == ["E", "alpha"] and np.isnan(back["ci_low"][1])
+    np.testing.assert_allclose(back["value"], t["value"], rtol=1e-9)
+
+
 # --------------------------------------------------------------------------- frontier
 
 
@@ -194,8 +257,8 @@ def test_frontier_of_a_hand_made_table():
     assert np.flatnonzero(res.data["used"]).tolist() == expect
     # a bootstrap resample without run "m" recomputes the frontier: l@4 (33) now beats s@4 (38)
     present = (t["run"] != "m").to_numpy()
-    m = S._select("frontier", t["train_flops"].to_numpy(), t["fid"].to_numpy(), t["run"].to_numpy(),
-                  np.zeros(len(t)), present)
+    m = select_points("frontier", t["train_flops"].to_numpy(), t["fid"].to_numpy(), t["run"].to_numpy(),
+                              np.zeros(len(t)), present)
     assert np.flatnonzero(m).tolist() == [0, 1, 6, 7]
 
 

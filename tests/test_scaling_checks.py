@@ -1,4 +1,4 @@
-"""Held-out extrapolation and IsoFLOP profiles (iddpm_eval.scaling_checks), FLOP-budget
+"""Held-out extrapolation and IsoFLOP profiles (iddpm_eval.scaling.checks), FLOP-budget
 checkpoints of the sweep (iddpm_core.sweep), against closed forms."""
 
 import numpy as np
@@ -7,7 +7,7 @@ import pytest
 
 from iddpm_core.sweep_grid import SweepError, steps_for_budgets, with_budget_steps
 from iddpm_eval import scaling
-from iddpm_eval.scaling_checks import (budget_rows, extrapolation_check, interpolated_minimum,
+from iddpm_eval.scaling.checks import (budget_rows, extrapolation_check, interpolated_minimum,
                                        isoflop_profiles)
 
 E, A, ALPHA = 2.0, 300.0, 0.3

@@ -96,14 +96,14 @@ def scaling_cmd(table, x, y, form, fixed_e, points, joint, budgets, extrapolate,
 
 def _checks(table, x, y, form, fixed_e, points, extrapolate, isoflop, budget_tol, n_boot, seed, level, out_dir,
             as_json, no_progress):
-    """--extrapolate and --isoflop (iddpm_eval.scaling_checks)."""
-    from iddpm_eval import scaling_checks
+    """--extrapolate and --isoflop (iddpm_eval.scaling.checks)."""
+    from iddpm_eval.scaling import checks
 
     doc = {}
     try:
         df = scaling.read_table(table)
         if extrapolate:
-            doc["extrapolation"] = scaling_checks.extrapolation_check(
+            doc["extrapolation"] = checks.extrapolation_check(
                 df, x, y, form=form, fixed_E=fixed_e, points=points, n_boot=n_boot, seed=seed, level=level,
                 progress=not no_progress)
         if isoflop:
@@ -111,7 +111,7 @@ def _checks(table, x, y, form, fixed_e, points, extrapolate, isoflop, budget_tol
                 cs = [float(v) for v in isoflop.split(",") if v.strip()]
             except ValueError:
                 raise click.UsageError(f"--isoflop takes comma-separated budgets, got {isoflop!r}") from None
-            res = scaling_checks.isoflop_profiles(df, cs, y, rel_tol=budget_tol, seed=seed, level=level)
+            res = checks.isoflop_profiles(df, cs, y, rel_tol=budget_tol, seed=seed, level=level)
             out = Path(out_dir)
             png = plots.plot_isoflop(res, out / _safe(f"isoflop_{y}.png"))
             prof = pd.DataFrame(res["profiles"]).drop(columns=["N_tried"])

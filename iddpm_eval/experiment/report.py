@@ -115,7 +115,7 @@ def _names(v) -> list[str]:
     return list(v) if isinstance(v, list) else [v]
 
 
-def judge_orderings(exp, last: pd.DataFrame) -> list[dict]:
+def _judge_orderings(exp, last: pd.DataFrame) -> list[dict]:
     """Each ordering of the spec, in the paper's numbers and here (by the intervals)."""
     by = {r["run"]: r for _, r in last.iterrows()}
     paper = {r["name"]: r.get("paper", {}) for r in exp.rows}
@@ -143,7 +143,7 @@ def _last_rows(df: pd.DataFrame) -> pd.DataFrame:
     return df.sort_values("step").groupby("run", sort=False).tail(1).sort_values("run_index")
 
 
-def report_ablation(exp, df: pd.DataFrame, out: Path, info: dict) -> dict:
+def _report_ablation(exp, df: pd.DataFrame, out: Path, info: dict) -> dict:
     df = _with_nll_ci(df)
     paper = {r["name"]: r.get("paper", {}) for r in exp.rows}
     for key in ("iters", "nll", "fid"):
@@ -157,7 +157,7 @@ def report_ablation(exp, df: pd.DataFrame, out: Path, info: dict) -> dict:
     table = df[[c for c in cols if c in df] + _provenance(df)]
     _write_csv(table, out / "table.csv")
     last = _last_rows(df)
-    orders = judge_orderings(exp, last)
+    orders = _judge_orderings(exp, last)
     _write_csv(pd.DataFrame(orders), out / "orderings.csv")
     fig = _plot_ablation(last, out / "ablation.png")
     rows = [[r["run"], r.get("paper_iters") or "-", int(r["step"]), r["T"], r["schedule"], r["objective"],
@@ -197,7 +197,7 @@ def _plot_ablation(last: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def report_sampling_steps(exp, df: pd.DataFrame, out: Path, info: dict) -> dict:
+def _report_sampling_steps(exp, df: pd.DataFrame, out: Path, info: dict) -> dict:
     import re
 
     long = []
@@ -254,7 +254,7 @@ def _plot_curves(table: pd.DataFrame, x: str, y: str, lo: str, hi: str, path: Pa
     return path
 
 
-def report_importance_sampling(exp, df: pd.DataFrame, out: Path, info: dict) -> dict:
+def _report_importance_sampling(exp, df: pd.DataFrame, out: Path, info: dict) -> dict:
     df = _with_nll_ci(df)
     df["timestep_sampler"] = [json.loads(c)["train"]["timestep_sampler"] for c in df["config"]]
     df["label"] = df["objective"].astype(str) + " / " + df["timestep_sampler"]
@@ -278,7 +278,7 @@ def report_importance_sampling(exp, df: pd.DataFrame, out: Path, info: dict) -> 
     return {}
 
 
-def report_scaling(exp, df: pd.DataFrame, out: Path, info: dict) -> dict:
+def _report_scaling(exp, df: pd.DataFrame, out: Path, info: dict) -> dict:
     from iddpm_eval import plots, scaling
 
     df = _with_nll_ci(df)
@@ -313,14 +313,14 @@ def report_scaling(exp, df: pd.DataFrame, out: Path, info: dict) -> dict:
     return {"fits": fits}
 
 
-def report_sweep(exp, df: pd.DataFrame, out: Path, info: dict) -> dict:
+def _report_sweep(exp, df: pd.DataFrame, out: Path, info: dict) -> dict:
     _write_csv(_with_nll_ci(df), out / "table.csv")
     write_text(out / "README.md", "\n".join(_header(exp, df, info)))
     return {}
 
 
-REPORTS = {"ablation": report_ablation, "sampling-steps": report_sampling_steps,
-           "importance-sampling": report_importance_sampling, "scaling": report_scaling, "sweep": report_sweep}
+REPORTS = {"ablation": _report_ablation, "sampling-steps": _report_sampling_steps,
+           "importance-sampling": _report_importance_sampling, "scaling": _report_scaling, "sweep": _report_sweep}
 
 
 def write_report(exp, table_path: Path, out: Path, info: dict) -> dict:

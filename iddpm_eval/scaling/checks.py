@@ -29,7 +29,7 @@ from scipy import stats as sstats
 from scipy.interpolate import CubicSpline
 from scipy.optimize import minimize_scalar
 
-from iddpm_eval import scaling
+from iddpm_eval.scaling.table import resolve_column, scaling_fit
 
 
 def _y_interval_columns(table: pd.DataFrame, y: str) -> tuple[str, str] | None:
@@ -53,8 +53,8 @@ def extrapolation_check(table: pd.DataFrame, x: str = "compute", y: str = "fid",
     if n_train_sizes < 2:
         raise ValueError(f"an extrapolation check needs at least 2 smaller {holdout} values besides the largest "
                          f"({largest:g}); the table has {n_train_sizes}")
-    xc, yc = scaling.resolve_column(table, x, "x"), scaling.resolve_column(table, y, "y")
-    res = scaling.scaling_fit(train, x, y, form=form, fixed_E=fixed_E, points=points, n_boot=n_boot, seed=seed,
+    xc, yc = resolve_column(table, x, "x"), resolve_column(table, y, "y")
+    res = scaling_fit(train, x, y, form=form, fixed_E=fixed_E, points=points, n_boot=n_boot, seed=seed,
                               level=level, progress=progress)
     last = held.loc[pd.to_numeric(held[xc]).idxmax()]
     xh, yh = float(last[xc]), float(last[yc])
