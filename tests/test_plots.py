@@ -38,7 +38,7 @@ def test_scaling_and_joint_plots(tmp_path):
 
 
 def test_isoflop_plot(tmp_path):
-    from iddpm_eval.scaling_checks import isoflop_profiles
+    from iddpm_eval.scaling.checks import isoflop_profiles
 
     rows = [dict(run=f"r{i}_{c:g}", params=n, train_flops=c, fid=1 + (np.log10(n) - np.log10(c) / 3) ** 2)
             for c in (1e12, 1e15) for i, n in enumerate(np.logspace(np.log10(c) / 3 - 1, np.log10(c) / 3 + 1, 6))]
