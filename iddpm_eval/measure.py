@@ -199,7 +199,7 @@ def metrics(ma: Measured, mb: Measured, req: Request) -> dict:
 
 # ----------------------------------------------------------------------------- iddpm-eval fid / recall
 
-def detector_and_mode(features: str, mode: str, sfid: bool = False) -> tuple[str, str]:
+def _detector_and_mode(features: str, mode: str, sfid: bool = False) -> tuple[str, str]:
     """The feature network of ``features`` ("inception" or a DINOv2 model, whose preprocessing is
     EDM2's: mode "edm2") and the preprocessing mode it runs with."""
     if features == "inception":
@@ -211,7 +211,7 @@ def detector_and_mode(features: str, mode: str, sfid: bool = False) -> tuple[str
     raise FIDError(f"unknown features {features!r}; choose inception, dinov2-vitb14 or dinov2-vitl14")
 
 
-class LazyExtractor:
+class _LazyExtractor:
     """The feature network, built on the first call (runs on stored features or statistics need none)."""
 
     def __init__(self, make):
@@ -223,7 +223,7 @@ class LazyExtractor:
         return self.built
 
 
-def feature_pass(specs, fx: LazyExtractor, req: Request, *, mode: str, detector: str, num: int | None,
+def _feature_pass(specs, fx: _LazyExtractor, req: Request, *, mode: str, detector: str, num: int | None,
                  batch_size: int, sample_steps: int | None, sampler: str, device: str | None,
                  keep_features: bool) -> list[Measured]:
     """Resolve every source and check what needs no network (counts, features where required),
@@ -240,7 +240,7 @@ def feature_pass(specs, fx: LazyExtractor, req: Request, *, mode: str, detector:
             for res in resolved]
 
 
-def check_alike(ma: Measured, mb: Measured, fx: LazyExtractor) -> str | None:
+def _check_alike(ma: Measured, mb: Measured, fx: _LazyExtractor) -> str | None:
     """Refuse sides measured differently (detector, weights, also this run's extractor's, mode,
     dimensions); return the weights sha256 they share."""
     from iddpm_eval import sources
@@ -258,7 +258,7 @@ def check_alike(ma: Measured, mb: Measured, fx: LazyExtractor) -> str | None:
     return sha
 
 
-def write_features(folder: str | os.PathLike, ma: Measured, mb: Measured) -> None:
+def _write_features(folder: str | os.PathLike, ma: Measured, mb: Measured) -> None:
     """``a.npz`` / ``b.npz`` (statistics and features) in ``folder`` for the sides that were images."""
     from iddpm_eval.stats import save_stats
 
@@ -295,22 +295,22 @@ def compare(a: str, b: str, *, mode: str = "legacy-tf", weights: str | None = No
         raise ValueError(f"method must be 'sqrtm' or 'eig', got {method!r}")
     if bootstrap and bootstrap < 2:
         raise ValueError(f"--bootstrap needs at least 2 rounds, got {bootstrap}")
-    detector, mode = detector_and_mode(features, mode, sfid)
+    detector, mode = _detector_and_mode(features, mode, sfid)
     req = Request(method=method, seed=seed, bootstrap=bootstrap, sfid=sfid, kid=kid, kid_subsets=kid_subsets,
                   kid_subset_size=kid_subset_size, pr=pr, k=k, fd_inf=fd_inf, fd_inf_points=fd_inf_points,
                   fd_inf_min_fraction=fd_inf_min_fraction, fd_inf_bootstrap=fd_inf_bootstrap, progress=progress)
-    fx = LazyExtractor(lambda: extractor if extractor is not None else make_feature_extractor(
+    fx = _LazyExtractor(lambda: extractor if extractor is not None else make_feature_extractor(
         detector, mode, weights, batch_size, sfid, device, dinov2_weights, dinov2_sha256))
-    ma, mb = feature_pass((a, b), fx, req, mode=mode, detector=detector, num=num, batch_size=batch_size,
+    ma, mb = _feature_pass((a, b), fx, req, mode=mode, detector=detector, num=num, batch_size=batch_size,
                           sample_steps=sample_steps, sampler=sampler, device=device,
                           keep_features=req.features or bool(save_features))
-    sha = check_alike(ma, mb, fx)
+    sha = _check_alike(ma, mb, fx)
     out = metrics(ma, mb, req)
     out.update(n_a=ma.n, n_b=mb.n, mode=mode, detector=detector, weights_sha256=sha, seed=seed, num=num,
                iddpm_version=__version__, a=a, b=b, a_kind=ma.kind, b_kind=mb.kind, a_fingerprint=ma.fingerprint,
                b_fingerprint=mb.fingerprint)
     if save_features:
-        write_features(save_features, ma, mb)
+        _write_features(save_features, ma, mb)
     return out
 
 

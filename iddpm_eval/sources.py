@@ -192,15 +192,6 @@ def make_extractor(mode: str = "legacy-tf", weights: str | None = None, batch_si
                             progress=False)
 
 
-def make_dinov2_extractor(name: str = "dinov2-vitl14", weights: str | None = None, batch_size: int = 32,
-                          device: str | None = None, expected_sha256: str | None = None):
-    """The DINOv2 extractor (:mod:`iddpm_eval.dinov2`, needs timm)."""
-    from iddpm_eval.dinov2 import DinoV2Extractor
-
-    return DinoV2Extractor(name, weights=weights, device=device, batch_size=batch_size,
-                           expected_sha256=expected_sha256)
-
-
 def make_feature_extractor(detector: str = INCEPTION, mode: str = "legacy-tf", weights: str | None = None,
                            batch_size: int = 64, sfid: bool = False, device: str | None = None,
                            dinov2_weights: str | None = None, dinov2_sha256: str | None = None):
@@ -208,7 +199,10 @@ def make_feature_extractor(detector: str = INCEPTION, mode: str = "legacy-tf", w
     ``sfid``) or a DINOv2 model (``dinov2_weights``, pinned by ``dinov2_sha256``)."""
     if detector == INCEPTION:
         return make_extractor(mode, weights, batch_size, sfid, device)
-    return make_dinov2_extractor(detector, dinov2_weights, batch_size, device, dinov2_sha256)
+    from iddpm_eval.dinov2 import DinoV2Extractor  # needs timm
+
+    return DinoV2Extractor(detector, weights=dinov2_weights, device=device, batch_size=batch_size,
+                           expected_sha256=dinov2_sha256)
 
 
 @dataclass

@@ -53,7 +53,7 @@ def source_options(f):
     return f
 
 
-def check_outputs(a, b, results, experiment, save_features) -> None:
+def _check_outputs(a, b, results, experiment, save_features) -> None:
     """Before computing: the results table, the experiment name, the features folder."""
     from iddpm_eval.cli.outputs import check_output, check_results
 
@@ -65,7 +65,7 @@ def run_compare(a, b, *, as_json, results, experiment, no_progress, **kw) -> dic
     from iddpm_core.data import DataError
     from iddpm_eval.measure import compare
 
-    check_outputs(a, b, results, experiment, kw.get("save_features"))
+    _check_outputs(a, b, results, experiment, kw.get("save_features"))
     try:
         return compare(a, b, progress=not no_progress, **kw)
     except (DataError, ValueError, FileNotFoundError) as exc:
