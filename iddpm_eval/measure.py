@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from iddpm_eval.fid import FIDError, bootstrap_fid, choose_method, fid_of
+from iddpm_eval import sources
 from iddpm_eval.sources import Measured
 from iddpm_eval.stats import INCEPTION, FeatureStats, bootstrap_draws, stats_from_features
 
@@ -143,8 +144,8 @@ def _sfid(ma: Measured, mb: Measured, req: Request, draws: list | None) -> dict:
     value = fid_of(None, None, stats_a, stats_b, "eig" if req.method == "eig" else "sqrtm")
     out = dict(sfid=value)
     if draws is not None and "sfid" in req.intervals and (ma.spatial is not None or mb.spatial is not None):
-        bs = bootstrap_fid(ma.spatial, mb.spatial, req.bootstrap, stats1=stats_a, stats2=stats_b, method=req.resample_method,
-                           estimate=value, draws=draws, progress=req.progress)
+        bs = bootstrap_fid(ma.spatial, mb.spatial, req.bootstrap, stats1=stats_a, stats2=stats_b,
+                           method=req.resample_method, estimate=value, draws=draws, progress=req.progress)
         out.update(sfid_ci_low=bs["low"], sfid_ci_high=bs["high"])
     return out
 
@@ -154,7 +155,8 @@ def _kid(ma: Measured, mb: Measured, req: Request) -> dict:
 
     r = kid(ma.pool, mb.pool, subsets=req.kid_subsets, subset_size=req.kid_subset_size, seed=req.seed,
             progress=req.progress)
-    return dict(kid_mean=r["kid_mean"], kid_std=r["kid_std"], kid_subset_size=r["subset_size"], kid_subsets=r["subsets"])
+    return dict(kid_mean=r["kid_mean"], kid_std=r["kid_std"], kid_subset_size=r["subset_size"],
+                kid_subsets=r["subsets"])
 
 
 def _prdc(ma: Measured, mb: Measured, req: Request, draws: list | None) -> dict:
@@ -224,17 +226,16 @@ class _LazyExtractor:
 
 
 def _feature_pass(specs, fx: _LazyExtractor, req: Request, *, mode: str, detector: str, num: int | None,
-                 batch_size: int, sample_steps: int | None, sampler: str, device: str | None,
-                 keep_features: bool) -> list[Measured]:
+                  batch_size: int, sample_steps: int | None, sampler: str, device: str | None,
+                  keep_features: bool) -> list[Measured]:
     """Resolve every source and check what needs no network (counts, features where required),
     then measure each: statistics, and features where a metric (or ``keep_features``) needs them."""
-    from iddpm_eval import sources
-
     resolved = [sources.resolve(spec, num=num, seed=req.seed, batch_size=batch_size, sample_steps=sample_steps,
                                 sampler=sampler, device=device, detector=detector) for spec in specs]
     sources.check_counts(resolved, num, req.k if req.pr else None, need_features=req.both_features)
     # a statistics file still serves plain FID and the other side's bootstrap
-    return [sources.measure(res, fx, mode=mode, need_features=req.both_features or (keep_features and res.kind != "stats"),
+    return [sources.measure(res, fx, mode=mode,
+                            need_features=req.both_features or (keep_features and res.kind != "stats"),
                             need_spatial=req.sfid, num=num, seed=req.seed, batch_size=batch_size,
                             progress=req.progress, detector=detector)
             for res in resolved]
@@ -243,8 +244,6 @@ def _feature_pass(specs, fx: _LazyExtractor, req: Request, *, mode: str, detecto
 def _check_alike(ma: Measured, mb: Measured, fx: _LazyExtractor) -> str | None:
     """Refuse sides measured differently (detector, weights, also this run's extractor's, mode,
     dimensions); return the weights sha256 they share."""
-    from iddpm_eval import sources
-
     sources.check_same_detector(ma, mb)
     sha = sources.check_same_weights(ma, mb)
     if fx.built is not None and getattr(fx.built, "weights_sha256", None):
@@ -289,8 +288,6 @@ def compare(a: str, b: str, *, mode: str = "legacy-tf", weights: str | None = No
     DINOv2 model ("dinov2-vitl14", "dinov2-vitb14": FD_DINOv2, recorded as mode "edm2"; weights
     ``dinov2_weights``, pinned by ``dinov2_sha256``). Returns a JSON-ready dict with provenance."""
     from iddpm_core import __version__
-    from iddpm_eval.sources import make_feature_extractor
-
     if method not in ("sqrtm", "eig"):
         raise ValueError(f"method must be 'sqrtm' or 'eig', got {method!r}")
     if bootstrap and bootstrap < 2:
@@ -299,7 +296,7 @@ def compare(a: str, b: str, *, mode: str = "legacy-tf", weights: str | None = No
     req = Request(method=method, seed=seed, bootstrap=bootstrap, sfid=sfid, kid=kid, kid_subsets=kid_subsets,
                   kid_subset_size=kid_subset_size, pr=pr, k=k, fd_inf=fd_inf, fd_inf_points=fd_inf_points,
                   fd_inf_min_fraction=fd_inf_min_fraction, fd_inf_bootstrap=fd_inf_bootstrap, progress=progress)
-    fx = _LazyExtractor(lambda: extractor if extractor is not None else make_feature_extractor(
+    fx = _LazyExtractor(lambda: extractor if extractor is not None else sources.make_feature_extractor(
         detector, mode, weights, batch_size, sfid, device, dinov2_weights, dinov2_sha256))
     ma, mb = _feature_pass((a, b), fx, req, mode=mode, detector=detector, num=num, batch_size=batch_size,
                           sample_steps=sample_steps, sampler=sampler, device=device,
@@ -322,11 +319,9 @@ _EXTRACTORS: dict = {}
 def cached_extractor(mode: str, weights: str | None, batch_size: int, device: str | None):
     """The Inception extractor of these settings, built once per process (a sweep evaluates many
     checkpoints with it)."""
-    from iddpm_eval.sources import make_extractor
-
     key = (mode, weights, batch_size, device)
     if key not in _EXTRACTORS:
-        _EXTRACTORS[key] = make_extractor(mode, weights, batch_size, False, device)
+        _EXTRACTORS[key] = sources.make_extractor(mode, weights, batch_size, False, device)
     return _EXTRACTORS[key]
 
 
@@ -336,7 +331,6 @@ def reference_features(spec: str, num: int | None, seed: int, extractor, cache_d
     fid --num N --seed S`` draws it), cached in ``cache_dir`` under a name that hashes the source,
     subset, mode and weights. One process computes them; others sharing the folder wait and read."""
     from iddpm_core.provenance import file_lock
-    from iddpm_eval import sources
     from iddpm_eval.stats import load_features, save_stats
 
     key = json.dumps([str(spec), num, seed, extractor.mode, extractor.weights_sha256])

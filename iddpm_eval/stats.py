@@ -203,7 +203,8 @@ def load_stats(path: str | os.PathLike) -> FeatureStats:
         return FeatureStats(
             mu=z["mu"], sigma=z["sigma"], count=count or None, mode=_str(z, "mode"),
             weights_sha256=_str(z, "weights_sha256"), fingerprint=_str(z, "fingerprint"),
-            source=str(path), origin=origin, detector=implied_detector(_str(z, "detector"), _str(z, "mode"), z["mu"].shape[-1]),
+            source=str(path), origin=origin,
+            detector=implied_detector(_str(z, "detector"), _str(z, "mode"), z["mu"].shape[-1]),
             mu_s=z["mu_s"] if {"mu_s", "sigma_s"} <= keys else None,
             sigma_s=z["sigma_s"] if {"mu_s", "sigma_s"} <= keys else None)
 
@@ -232,7 +233,8 @@ def load_features(path: str | os.PathLike) -> FeatureFile:
         pool = z[key]
         spatial = z["spatial"] if "spatial" in keys else None
         meta = dict(mode=_str(z, "mode"), weights_sha256=_str(z, "weights_sha256"),
-                    fingerprint=_str(z, "fingerprint"), detector=implied_detector(_str(z, "detector"), _str(z, "mode"), pool.shape[-1]))
+                    fingerprint=_str(z, "fingerprint"),
+                    detector=implied_detector(_str(z, "detector"), _str(z, "mode"), pool.shape[-1]))
     for name, arr in (("pool", pool), ("spatial", spatial)):
         if arr is None:
             continue

@@ -1,6 +1,7 @@
 """Evaluation of one sweep checkpoint: FID (with a bootstrap interval) and bits/dim, as the columns
 of the sweep table. :func:`evaluate_checkpoint` is the default ``--eval-hook`` of
-``iddpm-train sweep``.
+``iddpm-train sweep``. This module holds the settings and names the columns; sampling, features,
+the cached reference and every metric are :mod:`iddpm_eval.measure`'s, as for ``iddpm-eval fid``.
 
 FID. ``fid_num`` images are sampled from the checkpoint's EMA weights with ``fid_steps`` steps of
 ``fid_sampler`` (seeded by ``seed``) and compared with ``fid_ref_num`` images of the reference
@@ -11,10 +12,10 @@ data (``fid_ref``, default the training data; the subset is drawn as ``iddpm-eva
 :func:`iddpm_eval.fid.bootstrap_fid`). With ``fid_fd_inf`` the row also gets FD-infinity
 (:mod:`iddpm_eval.fd_inf`; columns ``fd_inf``, ``fd_inf_ci_low``/``high``).
 With fewer images than feature dimensions (2048) the distance is computed in the span of the
-images (:func:`iddpm_eval.fid.fid_lowrank`: exact, no 1e-6 regularisation, and milliseconds instead of the
-minute a 2048 x 2048 ``sqrtm`` takes on a busy CPU); column ``fid_method`` says which form was
-used. The samples are kept as ``<run>/eval/step_XXXXXX/samples.npz``, so ``iddpm-eval fid`` can
-recompute the number.
+images (:func:`iddpm_eval.fid.choose_method` picks :func:`iddpm_eval.fid.fid_lowrank`: exact, no
+1e-6 regularisation, and milliseconds instead of the minute a 2048 x 2048 ``sqrtm`` takes on a
+busy CPU); column ``fid_method`` says which form was used. The samples are kept as
+``<run>/eval/step_XXXXXX/samples.npz``, so ``iddpm-eval fid`` can recompute the number.
 
 Bits/dim. :func:`iddpm_eval.nll.evaluate` on the first ``nll_num`` images of ``nll_data``
 (default the training data): the exact bound (``nll_estimate`` 0) or the unbiased estimate from

@@ -14,7 +14,7 @@ from iddpm_eval.fd_inf import fd_infinity
 from iddpm_eval.fid import (bootstrap_fid, choose_method, fid_lowrank, fid_of, frechet_distance,
                             frechet_distance_eig)
 from iddpm_eval.prdc import compute_prdc
-from iddpm_eval.stats import INCEPTION, FeatureStats, StatsError, stats_from_features
+from iddpm_eval.stats import INCEPTION, FeatureFile, FeatureStats, StatsError, stats_from_features
 from test_stats_fid import FakeExtractor
 
 
@@ -143,6 +143,7 @@ def test_check_counts_refuses_before_any_pass(tmp_path):
     np.savez(tmp_path / "s.npz", mu=np.zeros(3), sigma=np.eye(3))
     np.savez(tmp_path / "i.npz", np.zeros((5, 8, 8, 3), np.uint8))
     st, im = sources.resolve(tmp_path / "s.npz"), sources.resolve(tmp_path / "i.npz")
+    assert isinstance(im, sources.Resolved) and (st.kind, im.kind) == ("stats", "images")
     sources.check_counts([st, im])  # plain FID: fine
     with pytest.raises(StatsError, match="holds statistics only"):
         sources.check_counts([st, im], need_features=True)
@@ -177,7 +178,8 @@ def test_make_feature_extractor_picks_the_network(monkeypatch):
 
 
 def test_source_statistics_writes_what_it_returns(tmp_path, monkeypatch):
-    from iddpm_eval.stats import load_features, load_stats
+    from iddpm_core.data import NpzSource
+    from iddpm_eval.stats import Extraction, extract, load_features, load_stats
 
     monkeypatch.setattr(sources, "make_extractor", lambda *a, **k: FakeExtractor())
     np.savez(tmp_path / "i.npz", np.random.default_rng(0).integers(0, 256, (20, 8, 8, 3), dtype=np.uint8))
@@ -186,7 +188,10 @@ def test_source_statistics_writes_what_it_returns(tmp_path, monkeypatch):
     back = load_stats(tmp_path / "o.npz")
     np.testing.assert_array_equal(back.sigma, st.sigma)
     assert back.count == st.count == 15 and back.detector == INCEPTION
-    assert len(load_features(tmp_path / "o.npz").pool) == 15
+    saved = load_features(tmp_path / "o.npz")
+    assert isinstance(saved, FeatureFile) and len(saved.pool) == 15
+    ex = extract(NpzSource(tmp_path / "i.npz"), FakeExtractor(), num=15, seed=3, progress=False)
+    assert isinstance(ex, Extraction) and np.array_equal(ex.stats.sigma, st.sigma) and ex.fingerprint == st.fingerprint
     with pytest.raises(StatsError, match="EDM2 .pkl holds mu/sigma only"):
         sources.source_statistics(str(tmp_path / "i.npz"), tmp_path / "o.pkl", save_features=True)
     assert not Path(tmp_path / "o.pkl").exists()
