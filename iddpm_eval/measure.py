@@ -85,19 +85,14 @@ def features_side(name: str, pool: np.ndarray) -> Measured:
     return Measured(name, "features", FeatureStats(mu, sigma, count=len(pool), source=name), pool=pool, n=len(pool))
 
 
-def _distance(fa, fb, stats_a, stats_b, method: str) -> tuple[float, str]:
-    """The point estimate and its form: the low-rank form on the features where chosen, else the
-    statistics of the pass (streamed, so not recomputed from the features)."""
-    form = choose_method(fa, fb, method)
-    if form == "lowrank":
-        return fid_of(fa, fb, method=form), form
-    return fid_of(None, None, stats_a, stats_b, form), form
-
-
 def _fid(ma: Measured, mb: Measured, req: Request) -> dict:
+    """FID in the form :func:`iddpm_eval.fid.choose_method` picks: the low-rank form on the
+    features, or else the statistics of the pass (streamed, so not recomputed from the features)."""
     sa, sb = ma.stats, mb.stats
-    value, form = _distance(ma.pool, mb.pool, (sa.mu, sa.sigma), (sb.mu, sb.sigma), req.method)
-    return dict(fid=value, fid_method=form)
+    form = choose_method(ma.pool, mb.pool, req.method)
+    if form == "lowrank":
+        return dict(fid=fid_of(ma.pool, mb.pool, method=form), fid_method=form)
+    return dict(fid=fid_of(None, None, (sa.mu, sa.sigma), (sb.mu, sb.sigma), form), fid_method=form)
 
 
 def _fid_interval(ma: Measured, mb: Measured, req: Request, estimate: float, draws: list) -> dict:
