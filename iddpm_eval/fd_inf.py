@@ -27,8 +27,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats as sstats
 
-from iddpm_eval.fid import FIDError, fid_lowrank, frechet_distance, frechet_distance_eig
-from iddpm_eval.stats import stats_from_features
+from iddpm_eval.fid import FIDError, choose_method, fid_of
 
 MIN_SUBSET = 10  # a covariance from fewer images is too noisy to put on a line
 
@@ -70,22 +69,13 @@ def linear_fit(x: np.ndarray, y: np.ndarray, confidence: float = 0.95) -> dict:
                 high=float(intercept + t * se), resid_std=float(np.sqrt(s2)), resid=resid)
 
 
-def _distance_fn(method: str):
-    return {"sqrtm": frechet_distance, "eig": frechet_distance_eig}[method]
-
-
 def _curve(f1, f2, s1, s2, sizes1, sizes2, rng, method: str) -> np.ndarray:
     """FID of one random subset per size (``f`` features or None, then ``s`` = (mu, sigma) fixed)."""
     out = np.empty(len(sizes1 if f1 is not None else sizes2))
     for i in range(len(out)):
-        parts = []
-        for f, s, sizes in ((f1, s1, sizes1), (f2, s2, sizes2)):
-            parts.append(None if f is None else f[rng.permutation(len(f))[:sizes[i]]])
-        if parts[0] is not None and parts[1] is not None and method == "lowrank":
-            out[i] = fid_lowrank(parts[0], parts[1])
-            continue
-        st = [stats_from_features(p) if p is not None else s for p, s in zip(parts, (s1, s2))]
-        out[i] = _distance_fn(method)(st[0][0], st[0][1], st[1][0], st[1][1])
+        parts = [None if f is None else f[rng.permutation(len(f))[:sizes[i]]]
+                 for f, sizes in ((f1, sizes1), (f2, sizes2))]
+        out[i] = fid_of(parts[0], parts[1], s1, s2, method)
     return out
 
 
@@ -107,8 +97,7 @@ def fd_infinity(feats1: np.ndarray | None, feats2: np.ndarray | None, *, stats1=
     sizes = [None if f is None else subset_sizes(len(f), points, min_fraction, nm)
              for f, nm in zip((feats1, feats2), names)]
     both = feats1 is not None and feats2 is not None
-    if method == "auto":
-        method = "lowrank" if both and max(len(feats1), len(feats2)) < feats1.shape[1] else "sqrtm"
+    method = choose_method(feats1, feats2, method)
     if method == "lowrank" and not both:
         raise FDInfError("the lowrank form needs the features of both sides")
     if method not in ("sqrtm", "eig", "lowrank"):

@@ -304,44 +304,58 @@ def compute_prdc(real, fake, k: int = 3, block_size: int = 4096, device=None, pr
     for name, t in (("real", xr), ("fake", xf)):
         if t.shape[0] <= k:
             raise ValueError(f"{name}: need more than k={k} points, got shape {tuple(t.shape)}")
-    br, bf = _blocks(n, block_size), _blocks(m, block_size)
+    _tau(xr.shape[1])  # a dimension too large for the float32 error bound is refused before any work
     sr, sf = len(_self_blocks(n, block_size)), len(_self_blocks(m, block_size))
-    total = sr * (sr + 1) // 2 + sf * (sf + 1) // 2 + len(br) * len(bf)
-    tau = _tau(xr.shape[1])
+    total = sr * (sr + 1) // 2 + sf * (sf + 1) // 2 + len(_blocks(n, block_size)) * len(_blocks(m, block_size))
     with _Highest(), torch.no_grad(), tqdm(total=total, desc="prdc", disable=not progress) as bar:
         # one centring point (the mean of both sets) serves the three passes
         mu = (_mean(xr, block_size, "real") * n + _mean(xf, block_size, "fake") * m) / (n + m)
         cr, cf = _Centring(xr, mu, block_size, "real"), _Centring(xf, mu, block_size, "fake")
         rr2 = _knn_sq(cr, k, block_size, bar)  # real radii^2
         rf2 = _knn_sq(cf, k, block_size, bar)  # fake radii^2
-        counts = torch.zeros(m, dtype=torch.int64, device=dev)  # real balls holding each fake
-        covered = torch.zeros(n, dtype=torch.bool, device=dev)  # real ball holds some fake
-        recalled = torch.zeros(n, dtype=torch.bool, device=dev)  # real point in some fake ball
-        fake_blocks = [float(cf.n2[f0:f1].max()) for f0, f1 in bf]  # for per-block tolerances
-        chunk = max(1, (1 << 23) // block_size)  # rows per chunk: index lists stay O(block^2)
-        for a0, a1 in br:
-            xa2, na = cr.rows(slice(a0, a1)).mul_(-2.0), cr.n2[a0:a1]
-            na_max = float(na.max())
-            for (f0, f1), nf_max in zip(bf, fake_blocks):
-                xb, nb = cf.rows(slice(f0, f1)), cf.n2[f0:f1]
-                d2 = _sq32(xa2, na, xb, nb)
-                t2 = rf2[f0:f1]  # real inside fake ball: d2 <= rf2[column]
-                w2 = tau * (nb + na_max)
-                lo2, hi2 = _down32(t2 - w2).unsqueeze(0), _up32(t2 + w2).unsqueeze(0)
-                for c0 in range(0, a1 - a0, chunk):  # row chunks keep the index lists small
-                    c1 = min(c0 + chunk, a1 - a0)
-                    dc, ri = d2[c0:c1], torch.arange(a0 + c0, a0 + c1, device=dev)
-                    fi = torch.arange(f0, f1, device=dev)
-                    t1 = rr2[a0 + c0:a0 + c1]  # fake inside real ball: d2 <= rr2[row]
-                    w1 = tau * (na[c0:c1] + nf_max)
-                    lo1, hi1 = _down32(t1 - w1).unsqueeze(1), _up32(t1 + w1).unsqueeze(1)
-                    i, j = _members(dc, lo1, hi1, lambda i, j: rr2[ri[i]], xr, ri, xf, fi)
-                    counts.index_add_(0, j + f0, torch.ones_like(j))
-                    covered[ri[i]] = True
-                    i, j = _members(dc, lo2, hi2, lambda i, j: rf2[fi[j]], xr, ri, xf, fi)
-                    recalled[ri[i]] = True
-                del d2
-                bar.update(1)
+        counts, covered, recalled = _cross(cr, cf, rr2, rf2, block_size, bar)
+    return _scores(counts, covered, recalled, k, n, m, f_score, beta)
+
+
+def _cross(cr: _Centring, cf: _Centring, rr2, rf2, block_size: int, bar):
+    """Real against fake, block by block: for each fake point the number of real balls holding it,
+    for each real point whether its ball holds a fake point and whether it lies in a fake ball."""
+    xr, xf = cr.x, cf.x
+    n, m, dev = xr.shape[0], xf.shape[0], xr.device
+    tau = _tau(xr.shape[1])
+    counts = torch.zeros(m, dtype=torch.int64, device=dev)  # real balls holding each fake
+    covered = torch.zeros(n, dtype=torch.bool, device=dev)  # real ball holds some fake
+    recalled = torch.zeros(n, dtype=torch.bool, device=dev)  # real point in some fake ball
+    bf = _blocks(m, block_size)
+    fake_blocks = [float(cf.n2[f0:f1].max()) for f0, f1 in bf]  # for per-block tolerances
+    chunk = max(1, (1 << 23) // block_size)  # rows per chunk: index lists stay O(block^2)
+    for a0, a1 in _blocks(n, block_size):
+        xa2, na = cr.rows(slice(a0, a1)).mul_(-2.0), cr.n2[a0:a1]
+        na_max = float(na.max())
+        for (f0, f1), nf_max in zip(bf, fake_blocks):
+            xb, nb = cf.rows(slice(f0, f1)), cf.n2[f0:f1]
+            d2 = _sq32(xa2, na, xb, nb)
+            t2 = rf2[f0:f1]  # real inside fake ball: d2 <= rf2[column]
+            w2 = tau * (nb + na_max)
+            lo2, hi2 = _down32(t2 - w2).unsqueeze(0), _up32(t2 + w2).unsqueeze(0)
+            for c0 in range(0, a1 - a0, chunk):  # row chunks keep the index lists small
+                c1 = min(c0 + chunk, a1 - a0)
+                dc, ri = d2[c0:c1], torch.arange(a0 + c0, a0 + c1, device=dev)
+                fi = torch.arange(f0, f1, device=dev)
+                t1 = rr2[a0 + c0:a0 + c1]  # fake inside real ball: d2 <= rr2[row]
+                w1 = tau * (na[c0:c1] + nf_max)
+                lo1, hi1 = _down32(t1 - w1).unsqueeze(1), _up32(t1 + w1).unsqueeze(1)
+                i, j = _members(dc, lo1, hi1, lambda i, j: rr2[ri[i]], xr, ri, xf, fi)
+                counts.index_add_(0, j + f0, torch.ones_like(j))
+                covered[ri[i]] = True
+                i, j = _members(dc, lo2, hi2, lambda i, j: rf2[fi[j]], xr, ri, xf, fi)
+                recalled[ri[i]] = True
+            del d2
+            bar.update(1)
+    return counts, covered, recalled
+
+
+def _scores(counts, covered, recalled, k: int, n: int, m: int, f_score: bool, beta) -> dict:
     precision = float((counts > 0).double().mean())
     recall = float(recalled.double().mean())
     out = {

@@ -29,7 +29,7 @@ from iddpm_eval.stats import INCEPTION, FeatureStats, StatsError
 
 # EDM2's metric key -> (our detector, preprocessing mode)
 EDM2_KEYS = {"fid": (INCEPTION, "legacy-tf"), "fd_dinov2": ("dinov2-vitl14", "edm2")}
-def read_pickle_safely(path: str | os.PathLike):
+def _read_pickle_safely(path: str | os.PathLike):
     """Unpickle ``path`` admitting only plain containers, numbers, strings and numpy arrays."""
     path = Path(path)
     try:
@@ -44,20 +44,20 @@ def read_pickle_safely(path: str | os.PathLike):
         raise StatsError(f"{path}: not a readable pickle ({type(exc).__name__}: {exc})") from None
 
 
-def edm2_detectors(obj) -> list[str]:
+def _edm2_detectors(obj) -> list[str]:
     return [EDM2_KEYS[k][0] for k in EDM2_KEYS if isinstance(obj, dict) and k in obj]
 
 
 def load_edm2_pkl(path: str | os.PathLike, detector: str = INCEPTION) -> FeatureStats:
     """The statistics of ``detector`` in an EDM2 reference ``.pkl``; a file without them is refused
     with the detectors it has."""
-    obj = read_pickle_safely(path)
+    obj = _read_pickle_safely(path)
     if not isinstance(obj, dict) or not any(k in obj for k in EDM2_KEYS):
         raise StatsError(f"{path}: not an EDM2 reference statistics file (a dict with 'fid' and/or 'fd_dinov2'); "
                          f"got {type(obj).__name__}" + (f" with keys {sorted(map(str, obj))}" if isinstance(obj, dict) else ""))
     key = next((k for k, (det, _) in EDM2_KEYS.items() if det == detector), None)
     if key is None or key not in obj:
-        have = ", ".join(edm2_detectors(obj)) or "none"
+        have = ", ".join(_edm2_detectors(obj)) or "none"
         raise StatsError(f"{path} holds EDM2 statistics of {have}, not of {detector} (this run's detector)")
     entry = obj[key]
     if not isinstance(entry, dict) or "mu" not in entry or "sigma" not in entry:

@@ -1,7 +1,6 @@
 """Turn a command-line source (A or B of ``iddpm-eval fid``) into features or statistics.
 
-A spec is resolved by the first resolver in :data:`RESOLVERS` that accepts it; add a kind of
-source (a checkpoint sampled on the fly, say) with :func:`register_resolver`. Built in:
+A spec is resolved by the first resolver in :data:`RESOLVERS` that accepts it:
 
 * ``.npz`` with ``pool`` (ours) or ``feats`` (clean-fid): cached features;
 * ``.npz`` with ``arr_0``: an image batch (ADM reference batches too; their ``mu``/``sigma`` are
@@ -150,13 +149,8 @@ def _resolve_data(spec: str, options: dict) -> Resolved | None:
 RESOLVERS: list[Resolver] = [_resolve_npz, _resolve_pkl, _resolve_checkpoint, _resolve_data]
 
 
-def register_resolver(fn: Resolver, first: bool = True) -> None:
-    """Add a resolver: ``fn(spec, options) -> Resolved`` or None when the spec is not its kind."""
-    RESOLVERS.insert(0 if first else len(RESOLVERS) - 1, fn)
-
-
 def resolve(spec: str | os.PathLike, **options) -> Resolved:
-    """Resolve ``spec`` with the registered resolvers; errors name the spec."""
+    """Resolve ``spec`` with the resolvers of :data:`RESOLVERS`; errors name the spec."""
     spec = str(spec)
     for fn in RESOLVERS:
         out = fn(spec, options)
@@ -199,13 +193,17 @@ def make_extractor(mode: str = "legacy-tf", weights: str | None = None, batch_si
                             progress=False)
 
 
-def make_dinov2_extractor(name: str = "dinov2-vitl14", weights: str | None = None, batch_size: int = 32,
-                          device: str | None = None, expected_sha256: str | None = None):
-    """The DINOv2 extractor (:mod:`iddpm_eval.dinov2`, needs timm)."""
-    from iddpm_eval.dinov2 import DinoV2Extractor
+def make_feature_extractor(detector: str = INCEPTION, mode: str = "legacy-tf", weights: str | None = None,
+                           batch_size: int = 64, sfid: bool = False, device: str | None = None,
+                           dinov2_weights: str | None = None, dinov2_sha256: str | None = None):
+    """The extractor of ``detector``: Inception (``mode``, ``weights``, spatial features with
+    ``sfid``) or a DINOv2 model (``dinov2_weights``, pinned by ``dinov2_sha256``)."""
+    if detector == INCEPTION:
+        return make_extractor(mode, weights, batch_size, sfid, device)
+    from iddpm_eval.dinov2 import DinoV2Extractor  # needs timm
 
-    return DinoV2Extractor(name, weights=weights, device=device, batch_size=batch_size,
-                           expected_sha256=expected_sha256)
+    return DinoV2Extractor(detector, weights=dinov2_weights, device=device, batch_size=batch_size,
+                           expected_sha256=dinov2_sha256)
 
 
 @dataclass
@@ -310,6 +308,37 @@ def measure(res: Resolved, extractor_fn: Callable[[], object], *, mode: str, nee
                     fingerprint=ex.fingerprint, detector=ex.stats.detector)
 
 
+def _check_statistics_output(out, detector: str, mode: str, sfid: bool, save_features: bool,
+                             adm_batch: bool) -> None:
+    """What the output of :func:`source_statistics` cannot hold, refused before any image is processed."""
+    if detector != INCEPTION and sfid:
+        raise StatsError("sFID statistics need the Inception detector; drop --sfid with DINOv2 features")
+    pkl = str(out).endswith(".pkl")
+    if pkl and (save_features or adm_batch):
+        raise StatsError(f"{out}: an EDM2 .pkl holds mu/sigma only; write features or an ADM batch to an .npz")
+    if pkl:
+        from iddpm_eval.refstats import check_edm2_writable
+
+        check_edm2_writable(out, detector, mode)
+    if adm_batch and (detector != INCEPTION or mode != "legacy-tf"):
+        raise StatsError("ADM reference batches hold Inception legacy-tf statistics: use --mode legacy-tf, "
+                         "--detector inception")
+
+
+def _write_adm_batch(out, res: Resolved, st: FeatureStats, num: int | None, seed: int | None) -> None:
+    """The images of ``res`` (the ``num`` drawn with ``seed``, grey made RGB) beside their statistics."""
+    from iddpm_eval.refstats import save_adm_batch
+    from iddpm_eval.stats import choose_indices
+
+    if res.kind != "images":
+        raise StatsError(f"{res.spec}: an ADM reference batch needs the images, this source holds {res.kind}")
+    idx = choose_indices(len(res.images), num, seed)
+    images, _ = res.images.batch(range(len(res.images)) if idx is None else idx)
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, -1)
+    save_adm_batch(out, images, st)
+
+
 def source_statistics(spec: str, out: str | os.PathLike, *, mode: str = "legacy-tf", weights: str | None = None,
                       num: int | None = None, seed: int | None = None, batch_size: int = 64, sfid: bool = False,
                       save_features: bool = False, progress: bool = True, device: str | None = None,
@@ -325,48 +354,23 @@ def source_statistics(spec: str, out: str | os.PathLike, *, mode: str = "legacy-
     from iddpm_eval.stats import save_stats
 
     detector = INCEPTION if features == "inception" else features
-    if detector != INCEPTION:
-        mode = "edm2"
-        if sfid:
-            raise StatsError("sFID statistics need the Inception detector; drop --sfid with DINOv2 features")
-    pkl = str(out).endswith(".pkl")
-    if pkl and (save_features or adm_batch):
-        raise StatsError(f"{out}: an EDM2 .pkl holds mu/sigma only; write features or an ADM batch to an .npz")
-    if pkl:  # refused before any image goes through a network
-        from iddpm_eval.refstats import check_edm2_writable
-
-        check_edm2_writable(out, detector, mode)
-    if adm_batch and (detector != INCEPTION or mode != "legacy-tf"):
-        raise StatsError("ADM reference batches hold Inception legacy-tf statistics: use --mode legacy-tf, "
-                         "--detector inception")
+    mode = mode if detector == INCEPTION else "edm2"
+    _check_statistics_output(out, detector, mode, sfid, save_features, adm_batch)
     res = resolve(spec, num=num, seed=seed, batch_size=batch_size, sample_steps=sample_steps, sampler=sampler,
                   device=device, detector=detector)
-
-    def fx():
-        if detector == INCEPTION:
-            return make_extractor(mode, weights, batch_size, sfid or adm_batch, device)
-        return make_dinov2_extractor(detector, dinov2_weights, batch_size, device, dinov2_sha256)
-
-    m = measure(res, fx, mode=mode, need_features=save_features, need_spatial=sfid or adm_batch, num=num, seed=seed,
+    m = measure(res, lambda: make_feature_extractor(detector, mode, weights, batch_size, sfid or adm_batch, device,
+                                                    dinov2_weights, dinov2_sha256),
+                mode=mode, need_features=save_features, need_spatial=sfid or adm_batch, num=num, seed=seed,
                 batch_size=batch_size, progress=progress, detector=detector)
     st = m.stats
     st.count, st.mode, st.weights_sha256, st.fingerprint = m.n, m.mode, m.weights_sha256, m.fingerprint
     st.source, st.detector = spec, m.detector
-    if pkl:
+    if str(out).endswith(".pkl"):
         from iddpm_eval.refstats import save_edm2_pkl
 
         save_edm2_pkl(out, st)
     elif adm_batch:
-        from iddpm_eval.refstats import save_adm_batch
-        from iddpm_eval.stats import choose_indices
-
-        if res.kind != "images":
-            raise StatsError(f"{spec}: an ADM reference batch needs the images, this source holds {res.kind}")
-        idx = choose_indices(len(res.images), num, seed)
-        images, _ = res.images.batch(range(len(res.images)) if idx is None else idx)
-        if images.shape[-1] == 1:
-            images = np.repeat(images, 3, -1)
-        save_adm_batch(out, images, st)
+        _write_adm_batch(out, res, st, num, seed)
     else:
         save_stats(out, st, features=m.pool if save_features else None,
                    spatial=m.spatial if save_features else None)

@@ -203,7 +203,8 @@ def load_stats(path: str | os.PathLike) -> FeatureStats:
         return FeatureStats(
             mu=z["mu"], sigma=z["sigma"], count=count or None, mode=_str(z, "mode"),
             weights_sha256=_str(z, "weights_sha256"), fingerprint=_str(z, "fingerprint"),
-            source=str(path), origin=origin, detector=implied_detector(_str(z, "detector"), _str(z, "mode"), z["mu"].shape[-1]),
+            source=str(path), origin=origin,
+            detector=implied_detector(_str(z, "detector"), _str(z, "mode"), z["mu"].shape[-1]),
             mu_s=z["mu_s"] if {"mu_s", "sigma_s"} <= keys else None,
             sigma_s=z["sigma_s"] if {"mu_s", "sigma_s"} <= keys else None)
 
@@ -232,7 +233,8 @@ def load_features(path: str | os.PathLike) -> FeatureFile:
         pool = z[key]
         spatial = z["spatial"] if "spatial" in keys else None
         meta = dict(mode=_str(z, "mode"), weights_sha256=_str(z, "weights_sha256"),
-                    fingerprint=_str(z, "fingerprint"), detector=implied_detector(_str(z, "detector"), _str(z, "mode"), pool.shape[-1]))
+                    fingerprint=_str(z, "fingerprint"),
+                    detector=implied_detector(_str(z, "detector"), _str(z, "mode"), pool.shape[-1]))
     for name, arr in (("pool", pool), ("spatial", spatial)):
         if arr is None:
             continue
@@ -295,50 +297,81 @@ def extract(source, extractor, *, num: int | None = None, seed: int | None = Non
         align = math.lcm(batch_size, int(getattr(source, "shard_size", batch_size)))
         lo, hi = dist.shard(total, align)
         mine = (np.arange(total) if idx is None else idx)[lo:hi]
-    pool_rs, spatial_rs = RunningStats(), None
-    kept_pool, kept_spatial, kept_bytes = [], [], []
-    digest, head = hashlib.sha256(), b""
     bar = tqdm(total=total if mine is None else len(mine), desc=desc, unit="img",
                disable=not progress or not dist.is_main(), leave=False)
     batches = source.iter_batches(batch_size, indices=mine) if mine is None or len(mine) else iter(())
+    acc = _Accumulated(keep_features, gather_bytes=dist.active())
     for images, _ in batches:
-        if pool_rs.n == 0:
-            head = str(tuple(images.shape[1:])).encode()
-            digest.update(head)
-        if dist.active():
-            kept_bytes.append(np.ascontiguousarray(images).tobytes())
-        else:
-            digest.update(np.ascontiguousarray(images).tobytes())
-        out = extractor(images)
-        pool_rs.update(out["pool"])
-        if keep_features:
-            kept_pool.append(np.asarray(out["pool"], np.float32))
-        if out.get("spatial") is not None:
-            spatial_rs = spatial_rs or RunningStats()
-            spatial_rs.update(out["spatial"])
-            if keep_features:
-                kept_spatial.append(np.asarray(out["spatial"], np.float32))
+        acc.add(images, extractor(images))
         bar.update(len(images))
     bar.close()
-    pool = np.concatenate(kept_pool) if kept_pool else None
-    spatial = np.concatenate(kept_spatial) if kept_spatial else None
     if dist.active():
-        fp = dist.ordered_digest(head, b"".join(kept_bytes))
-        pool_rs = _reduced(pool_rs)
-        has_spatial = any(dist.D.all_gather_object(spatial_rs is not None))
-        spatial_rs = _reduced(spatial_rs or RunningStats()) if has_spatial else None
-        if keep_features:
-            pool, spatial = dist.gather_rows(pool), dist.gather_rows(spatial)
-    else:
-        fp = digest.hexdigest()
+        acc.gather()
+    pool_rs, spatial_rs = acc.pool_rs, acc.spatial_rs
     stats = FeatureStats(mu=pool_rs.mean, sigma=pool_rs.cov, count=pool_rs.n,
                          mode=getattr(extractor, "mode", None),
                          weights_sha256=getattr(extractor, "weights_sha256", None),
-                         fingerprint=fp, source=source.name,
+                         fingerprint=acc.fingerprint, source=source.name,
                          mu_s=spatial_rs.mean if spatial_rs else None,
                          sigma_s=spatial_rs.cov if spatial_rs else None)
-    return Extraction(stats=stats, pool=pool if keep_features else None,
-                      spatial=spatial if keep_features else None, count=pool_rs.n, fingerprint=fp, indices=idx)
+    return Extraction(stats=stats, pool=acc.pool if keep_features else None,
+                      spatial=acc.spatial if keep_features else None, count=pool_rs.n, fingerprint=acc.fingerprint,
+                      indices=idx)
+
+
+class _Accumulated:
+    """What the batches of one pass add up to: running statistics of the pool (and spatial)
+    features, the features when kept, and the sha256 of the image bytes in order (under torchrun
+    the bytes are kept and digested in rank order by :meth:`gather`)."""
+
+    def __init__(self, keep_features: bool, gather_bytes: bool = False):
+        self.keep_features, self.gather_bytes = keep_features, gather_bytes
+        self.pool_rs, self.spatial_rs = RunningStats(), None
+        self.kept_pool, self.kept_spatial, self.kept_bytes = [], [], []
+        self.digest, self.head = hashlib.sha256(), b""
+        self._gathered_fp = ""
+
+    def add(self, images: np.ndarray, out: dict) -> None:
+        if self.pool_rs.n == 0:
+            self.head = str(tuple(images.shape[1:])).encode()
+            self.digest.update(self.head)
+        if self.gather_bytes:
+            self.kept_bytes.append(np.ascontiguousarray(images).tobytes())
+        else:
+            self.digest.update(np.ascontiguousarray(images).tobytes())
+        self.pool_rs.update(out["pool"])
+        if self.keep_features:
+            self.kept_pool.append(np.asarray(out["pool"], np.float32))
+        if out.get("spatial") is not None:
+            self.spatial_rs = self.spatial_rs or RunningStats()
+            self.spatial_rs.update(out["spatial"])
+            if self.keep_features:
+                self.kept_spatial.append(np.asarray(out["spatial"], np.float32))
+
+    @property
+    def pool(self) -> np.ndarray | None:
+        return np.concatenate(self.kept_pool) if self.kept_pool else None
+
+    @property
+    def spatial(self) -> np.ndarray | None:
+        return np.concatenate(self.kept_spatial) if self.kept_spatial else None
+
+    @property
+    def fingerprint(self) -> str:
+        return self.digest.hexdigest() if not self.gather_bytes else self._gathered_fp
+
+    def gather(self) -> None:
+        """Every rank's statistics, features and image digest together (see iddpm_eval.distributed)."""
+        from iddpm_eval import distributed as dist
+
+        self._gathered_fp = dist.ordered_digest(self.head, b"".join(self.kept_bytes))
+        self.pool_rs = _reduced(self.pool_rs)
+        has_spatial = any(dist.D.all_gather_object(self.spatial_rs is not None))
+        self.spatial_rs = _reduced(self.spatial_rs or RunningStats()) if has_spatial else None
+        if self.keep_features:
+            pool, spatial = dist.gather_rows(self.pool), dist.gather_rows(self.spatial)
+            self.kept_pool = [pool] if pool is not None else []
+            self.kept_spatial = [spatial] if spatial is not None else []
 
 
 def _reduced(rs: RunningStats) -> RunningStats:

@@ -1,6 +1,7 @@
 """Evaluation of one sweep checkpoint: FID (with a bootstrap interval) and bits/dim, as the columns
 of the sweep table. :func:`evaluate_checkpoint` is the default ``--eval-hook`` of
-``iddpm-train sweep``.
+``iddpm-train sweep``. This module holds the settings and names the columns; sampling, features,
+the cached reference and every metric are :mod:`iddpm_eval.measure`'s, as for ``iddpm-eval fid``.
 
 FID. ``fid_num`` images are sampled from the checkpoint's EMA weights with ``fid_steps`` steps of
 ``fid_sampler`` (seeded by ``seed``) and compared with ``fid_ref_num`` images of the reference
@@ -11,10 +12,10 @@ data (``fid_ref``, default the training data; the subset is drawn as ``iddpm-eva
 :func:`iddpm_eval.fid.bootstrap_fid`). With ``fid_fd_inf`` the row also gets FD-infinity
 (:mod:`iddpm_eval.fd_inf`; columns ``fd_inf``, ``fd_inf_ci_low``/``high``).
 With fewer images than feature dimensions (2048) the distance is computed in the span of the
-images (:func:`iddpm_eval.fid.fid_lowrank`: exact, no 1e-6 regularisation, and milliseconds instead of the
-minute a 2048 x 2048 ``sqrtm`` takes on a busy CPU); column ``fid_method`` says which form was
-used. The samples are kept as ``<run>/eval/step_XXXXXX/samples.npz``, so ``iddpm-eval fid`` can
-recompute the number.
+images (:func:`iddpm_eval.fid.choose_method` picks :func:`iddpm_eval.fid.fid_lowrank`: exact, no
+1e-6 regularisation, and milliseconds instead of the minute a 2048 x 2048 ``sqrtm`` takes on a
+busy CPU); column ``fid_method`` says which form was used. The samples are kept as
+``<run>/eval/step_XXXXXX/samples.npz``, so ``iddpm-eval fid`` can recompute the number.
 
 Bits/dim. :func:`iddpm_eval.nll.evaluate` on the first ``nll_num`` images of ``nll_data``
 (default the training data): the exact bound (``nll_estimate`` 0) or the unbiased estimate from
@@ -29,15 +30,11 @@ Inception features (no second pass).
 
 from __future__ import annotations
 
-import hashlib
-import json
-import time
 from pathlib import Path
 
 import numpy as np
 
 from iddpm_core.config import refuse_unknown
-from iddpm_core.io import save_npz
 
 # Defaults of the settings read from run_info["eval"]; the CLI passes all of them.
 DEFAULTS = {
@@ -47,9 +44,6 @@ DEFAULTS = {
     "seed": 0, "device": None, "fid_fd_inf": False, "fid_fd_inf_points": 15, "fid_fd_inf_min_fraction": 0.2,
     "fid_fd_inf_bootstrap": 50,
 }
-
-_EXTRACTORS: dict = {}
-
 
 # Types a spec's [eval] values must have (None = use the default / the training data).
 _STR_KEYS = ("fid_sampler", "fid_ref", "fid_mode", "fid_weights", "nll_data", "device")
@@ -76,9 +70,7 @@ def check_settings(given: dict) -> None:
 def settings(run_info: dict) -> dict:
     """The evaluation settings of ``run_info["eval"]`` with defaults filled in; unknown keys refused."""
     given = dict(run_info.get("eval") or {})
-    unknown = sorted(set(given) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown sweep evaluation settings {unknown}; known: {sorted(DEFAULTS)}")
+    refuse_unknown(given, set(DEFAULTS), "sweep evaluation settings")
     s = {**DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
     s["fid_ref"] = s["fid_ref"] or run_info.get("data")
     s["nll_data"] = s["nll_data"] or run_info.get("data")
@@ -90,91 +82,58 @@ def settings(run_info: dict) -> dict:
     return s
 
 
-def _extractor(mode: str, weights: str | None, batch_size: int, device: str | None):
-    from iddpm_eval.sources import make_extractor
+def request(s: dict):
+    """The :class:`iddpm_eval.measure.Request` of the settings: FID of the samples (side a) against
+    the reference (side b, the real set), in the form :func:`iddpm_eval.fid.choose_method` picks,
+    with a bootstrap interval, FD-infinity and precision/recall (k = 3) as set."""
+    from iddpm_eval.measure import Request
 
-    key = (mode, weights, batch_size, device)
-    if key not in _EXTRACTORS:
-        _EXTRACTORS[key] = make_extractor(mode, weights, batch_size, False, device)
-    return _EXTRACTORS[key]
-
-
-def reference_features(spec: str, num: int | None, seed: int, extractor, cache_dir: Path,
-                       progress: bool = False) -> np.ndarray:
-    """Inception pool features of the reference images (subset ``num`` drawn with ``seed``), cached
-    in ``cache_dir`` under a name that hashes the source, subset, mode and weights."""
-    from iddpm_eval import sources
-    from iddpm_eval.stats import FeatureStats, load_features, save_stats
-
-    import fcntl
-
-    key = json.dumps([str(spec), num, seed, extractor.mode, extractor.weights_sha256])
-    path = Path(cache_dir) / f"ref_{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # one worker computes, workers sharing the sweep folder wait for it and read the file
-    with open(path.with_suffix(".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if path.exists():
-                return load_features(path).pool
-            res = sources.resolve(spec)
-            m = sources.measure(res, lambda: extractor, mode=extractor.mode, need_features=True, num=num,
-                                seed=seed, progress=progress)
-            st = FeatureStats(m.stats.mu, m.stats.sigma, count=m.n, mode=m.mode, weights_sha256=m.weights_sha256,
-                              fingerprint=m.fingerprint, source=str(spec))
-            save_stats(path, st, features=m.pool)
-            return m.pool
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    return Request(method="auto", seed=int(s["seed"]), bootstrap=int(s["fid_bootstrap"]), intervals=("fid",),
+                   pr=bool(int(s["fid_pr"])), k=3, fd_inf=bool(s["fid_fd_inf"]),
+                   fd_inf_points=int(s["fid_fd_inf_points"]), fd_inf_min_fraction=float(s["fid_fd_inf_min_fraction"]),
+                   fd_inf_bootstrap=int(s["fid_fd_inf_bootstrap"]), reference="b", device=s["device"])
 
 
-def fid_of_checkpoint(checkpoint: str, s: dict, out_dir: Path, cache_dir: Path, progress: bool = False) -> dict:
-    """Sample, extract features, FID against the cached reference, bootstrap interval."""
-    from iddpm_core.sample import sample_images
-    from iddpm_eval.fid import bootstrap_fid, fid_from_features, fid_lowrank
+def fid_of_checkpoint(checkpoint, s: dict, out_dir: Path, cache_dir: Path, progress: bool = False) -> dict:
+    """Sample ``checkpoint`` (a path or loaded weights), extract features, and the columns of every
+    metric the settings ask for against the cached reference features."""
+    from iddpm_eval import measure
 
-    fx = _extractor(s["fid_mode"], s["fid_weights"], int(s["fid_batch_size"]), s["device"])
-    ref = reference_features(s["fid_ref"], s["fid_ref_num"], int(s["seed"]), fx, cache_dir, progress)
-    t0 = time.time()
-    images = sample_images(checkpoint, int(s["fid_num"]), int(s["fid_steps"]), sampler=s["fid_sampler"],
-                           eta=float(s["fid_eta"]), seed=int(s["seed"]), batch_size=int(s["sample_batch_size"]),
-                           progress=progress, device=s["device"])
-    sample_seconds = time.time() - t0
-    save_npz(out_dir / "samples.npz", arr_0=images)
-    t0 = time.time()
-    gen = fx(images)["pool"]
-    feature_seconds = time.time() - t0
-    lowrank = max(len(gen), len(ref)) < gen.shape[1]
-    out = {"fid": fid_lowrank(gen, ref) if lowrank else fid_from_features(gen, ref),
-           "fid_method": "lowrank" if lowrank else "sqrtm", "fid_n": len(gen), "fid_ref_n": len(ref),
-           "fid_steps": int(s["fid_steps"]), "fid_sampler": s["fid_sampler"], "fid_mode": fx.mode,
-           "fid_ref": str(s["fid_ref"]), "weights_sha256": fx.weights_sha256,
-           "sample_seconds": sample_seconds, "feature_seconds": feature_seconds}
-    rounds = int(s["fid_bootstrap"])
-    if rounds:
-        bs = bootstrap_fid(gen, ref, rounds, seed=int(s["seed"]), estimate=out["fid"],
-                           method="lowrank" if lowrank else "sqrtm")
-        out.update(fid_ci_low=bs["low"], fid_ci_high=bs["high"], fid_boot_bias=bs["bias"],
-                   fid_boot_pct_low=bs["pct_low"], fid_boot_pct_high=bs["pct_high"])
-        out.update(fid_bootstrap=rounds, fid_ci_method="bootstrap-percentile-bias-shifted")
+    fx = measure.cached_extractor(s["fid_mode"], s["fid_weights"], int(s["fid_batch_size"]), s["device"])
+    ref = measure.reference_features(s["fid_ref"], s["fid_ref_num"], int(s["seed"]), fx, cache_dir, progress)
+    gen, seconds = measure.sample_features(checkpoint, fx, num=int(s["fid_num"]), steps=int(s["fid_steps"]),
+                                           sampler=s["fid_sampler"], eta=float(s["fid_eta"]), seed=int(s["seed"]),
+                                           batch_size=int(s["sample_batch_size"]), device=s["device"],
+                                           samples_path=Path(out_dir) / "samples.npz", progress=progress)
+    out = measure.metrics(measure.features_side("samples", gen), measure.features_side(str(s["fid_ref"]), ref),
+                          request(s))
+    cols = {"fid": out["fid"], "fid_method": out["fid_method"], "fid_n": len(gen), "fid_ref_n": len(ref),
+            "fid_steps": int(s["fid_steps"]), "fid_sampler": s["fid_sampler"], "fid_mode": fx.mode,
+            "fid_ref": str(s["fid_ref"]), "weights_sha256": fx.weights_sha256, **seconds}
+    if int(s["fid_bootstrap"]):
+        cols.update(fid_ci_low=out["fid_ci_low"], fid_ci_high=out["fid_ci_high"], fid_boot_bias=out["bootstrap_bias"],
+                    fid_boot_pct_low=out["bootstrap_pct_low"], fid_boot_pct_high=out["bootstrap_pct_high"],
+                    fid_bootstrap=int(s["fid_bootstrap"]), fid_ci_method="bootstrap-percentile-bias-shifted")
     if s["fid_fd_inf"]:
-        out.update(fd_inf_columns(gen, ref, s))
+        cols.update(_fd_inf_columns(out))
     if int(s["fid_pr"]):
-        from iddpm_eval.prdc import compute_prdc
+        cols.update({k: out[k] for k in measure.PRDC}, pr_k=out["k"])
+    return cols
 
-        pr = compute_prdc(ref, gen, k=3, device=s["device"])
-        out.update({k: pr[k] for k in ("precision", "recall", "density", "coverage")}, pr_k=pr["k"])
-    return out
+
+def _fd_inf_columns(out: dict) -> dict:
+    cols = {k: out[k] for k in ("fd_inf", "fd_inf_ci_low", "fd_inf_ci_high", "fd_inf_ci_method", "fd_inf_slope")}
+    cols["fd_inf_min_n"] = out["fd_inf_sizes"][0]
+    return cols
 
 
 def fd_inf_columns(gen: np.ndarray, ref: np.ndarray, s: dict) -> dict:
-    """FD-infinity of the samples against the reference features (settings ``fid_fd_inf_*``)."""
-    from iddpm_eval.fd_inf import fd_infinity
+    """The FD-infinity columns of sample features against reference features (settings
+    ``fid_fd_inf_*``), as :func:`fid_of_checkpoint` gives them; e.g. from saved features."""
+    from iddpm_eval import measure
 
-    r = fd_infinity(ref, gen, points=int(s["fid_fd_inf_points"]), min_fraction=float(s["fid_fd_inf_min_fraction"]),
-                    seed=int(s["seed"]), bootstrap=int(s["fid_fd_inf_bootstrap"]))
-    return {"fd_inf": r["fd_inf"], "fd_inf_ci_low": r["low"], "fd_inf_ci_high": r["high"],
-            "fd_inf_ci_method": r["ci_method"], "fd_inf_slope": r["slope"], "fd_inf_min_n": r["sizes"][0]}
+    sides = measure.features_side("samples", gen), measure.features_side(str(s["fid_ref"]), ref)
+    return _fd_inf_columns(measure.fd_inf_metrics(*sides, request(s)))
 
 
 def nll_of_checkpoint(checkpoint: str, s: dict, out_dir: Path, progress: bool = False) -> dict:

@@ -15,6 +15,9 @@ checkpoint_hash, weights_sha256, the same command line (``extra.command``) and t
 fingerprints (every ``extra`` key ending in ``_fingerprint``). So rerunning a command on the same
 inputs updates its rows instead of duplicating them; a different command or changed inputs add
 rows. Rows without a recorded command are never replaced.
+
+The columns and the checks of one row are :mod:`iddpm_eval.row_checks`; :func:`result_row` and
+:func:`comparison_rows` build checked rows with their provenance.
 """
 
 from __future__ import annotations
@@ -23,8 +26,6 @@ import contextlib
 import csv
 import hashlib
 import io
-import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Iterable
@@ -33,119 +34,11 @@ import pandas as pd
 
 from iddpm_core.io import NotWritableError, atomic_path, check_writable
 from iddpm_core.provenance import command_line, file_lock, provenance
+from iddpm_eval.row_checks import (COLUMNS, FLOAT_COLUMNS, IDENTITY_COLUMNS, INT_COLUMNS, PROVENANCE_COLUMNS,
+                                   TEXT_COLUMNS, is_missing, check_experiment, normalize_row, parse_extra)
 
-COLUMNS = [
-    "experiment", "metric", "value", "ci_low", "ci_high", "n",
-    "config_hash", "checkpoint_hash", "weights_sha256", "mode", "seed",
-    "package_version", "git_commit", "time", "machine", "extra",
-]
-REQUIRED = ("experiment", "metric", "value")
-FLOAT_COLUMNS = ("value", "ci_low", "ci_high")
-INT_COLUMNS = ("n", "seed")
-TEXT_COLUMNS = tuple(c for c in COLUMNS if c not in FLOAT_COLUMNS + INT_COLUMNS)
-PROVENANCE_COLUMNS = ("package_version", "git_commit", "time", "machine")
-IDENTITY_COLUMNS = ("experiment", "metric", "mode", "seed", "n", "config_hash", "checkpoint_hash", "weights_sha256")
 STAMP_KEY = b"iddpm_csv_sha256"
-
-
-def _is_missing(v: Any) -> bool:
-    if v is None or v is pd.NA:
-        return True
-    if isinstance(v, float) and math.isnan(v):
-        return True
-    return isinstance(v, str) and v == ""
-
-
-def _as_float(name: str, v: Any, row: dict) -> float | None:
-    if name == "value" and isinstance(v, float) and math.isnan(v):
-        return v  # a measurement that came out NaN is worth recording (regress flags it)
-    if _is_missing(v):
-        return None
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        raise ValueError(f"results row {_label(row)}: column {name!r} must be a number, got {v!r}") from None
-
-
-def _as_int(name: str, v: Any, row: dict) -> int | None:
-    if _is_missing(v):
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        f = math.nan
-    if not math.isfinite(f) or f != int(f):
-        raise ValueError(f"results row {_label(row)}: column {name!r} must be an integer, got {v!r}")
-    return int(f)
-
-
-def _as_text(name: str, v: Any, row: dict) -> str | None:
-    if _is_missing(v):
-        return None
-    s = str(v)
-    if "\n" in s or "\r" in s:
-        raise ValueError(f"results row {_label(row)}: column {name!r} must be one line, got {v!r}")
-    return s
-
-
-def _label(row: dict) -> str:
-    return f"(experiment={row.get('experiment')!r}, metric={row.get('metric')!r})"
-
-
-def _extra_text(extra: Any, row: dict) -> str | None:
-    if _is_missing(extra):
-        return None
-    if isinstance(extra, str):
-        try:
-            parsed = json.loads(extra)
-        except json.JSONDecodeError:
-            raise ValueError(f"results row {_label(row)}: column 'extra' must be a dict or JSON object text") from None
-        extra = parsed
-    if not isinstance(extra, dict):
-        raise ValueError(f"results row {_label(row)}: column 'extra' must be a dict, got {type(extra).__name__}")
-    try:
-        return json.dumps(extra, sort_keys=True, ensure_ascii=False, default=str)
-    except ValueError as err:
-        raise ValueError(f"results row {_label(row)}: 'extra' is not JSON-serialisable: {err}") from None
-
-
-def normalize_row(row: dict, prov: dict | None = None) -> dict:
-    """Check one row and return it with every column of :data:`COLUMNS` (``None`` when absent).
-
-    Missing provenance columns are filled from ``prov`` (default: :func:`provenance`). Unknown
-    keys, a missing experiment/metric/value, non-numeric values and ``ci_low > ci_high`` raise
-    ``ValueError``.
-    """
-    if not isinstance(row, dict):
-        raise ValueError(f"results row must be a dict, got {type(row).__name__}")
-    unknown = sorted(set(row) - set(COLUMNS))
-    if unknown:
-        raise ValueError(f"results row {_label(row)}: unknown column(s) {unknown}; allowed: {COLUMNS}")
-    out: dict[str, Any] = {}
-    for c in COLUMNS:
-        v = row.get(c)
-        if c in FLOAT_COLUMNS:
-            out[c] = _as_float(c, v, row)
-        elif c in INT_COLUMNS:
-            out[c] = _as_int(c, v, row)
-        elif c == "extra":
-            out[c] = _extra_text(v, row)
-        else:
-            out[c] = _as_text(c, v, row)
-    for c in REQUIRED:
-        if out[c] is None:
-            raise ValueError(f"results row {_label(row)}: column {c!r} is required")
-    lo, hi = out["ci_low"], out["ci_high"]
-    if (lo is None) != (hi is None):
-        raise ValueError(f"results row {_label(row)}: give both ci_low and ci_high or neither")
-    if lo is not None and lo > hi:
-        raise ValueError(f"results row {_label(row)}: ci_low {lo} > ci_high {hi}")
-    if any(out[c] is None for c in PROVENANCE_COLUMNS):
-        prov = prov if prov is not None else provenance()
-        for c in PROVENANCE_COLUMNS:
-            if out[c] is None:
-                out[c] = prov.get(c)
-    return out
+PRDC = ("precision", "recall", "density", "coverage")
 
 
 def result_row(*, experiment: str, metric: str, value: float, ci_low: float | None = None,
@@ -162,17 +55,36 @@ def result_row(*, experiment: str, metric: str, value: float, ci_low: float | No
     return normalize_row(row, prov)
 
 
+def comparison_rows(out: dict, experiment: str | None = None, *, fd: str = "fid",
+                    metrics: tuple = ("fid", "fd_inf", "kid", "sfid", "prdc")) -> list[dict]:
+    """The rows of one comparison (:func:`iddpm_eval.measure.compare`'s result ``out``): one per
+    metric it holds, of the groups ``metrics`` in that order ("fid", "fd_inf", "kid", "sfid",
+    "prdc"), with its interval where there is one. ``fd`` names the distance ("fid", or
+    "fd_dinov2" for DINOv2 features; FD-infinity is ``fd + "_inf"``). The experiment defaults to
+    "A vs B"; ``n`` is the smaller set (both counts are in ``extra``)."""
+    columns = {"fid": [(fd, "fid", "fid_ci_low", "fid_ci_high")],
+               "fd_inf": [(f"{fd}_inf", "fd_inf", "fd_inf_ci_low", "fd_inf_ci_high")],
+               "kid": [("kid", "kid_mean", None, None)], "sfid": [("sfid", "sfid", "sfid_ci_low", "sfid_ci_high")],
+               "prdc": [(m, m, f"{m}_ci_low", f"{m}_ci_high") for m in PRDC]}
+    exp = experiment or f"{out['a']} vs {out['b']}"
+    extra = {k: out[k] for k in ("a", "b", "n_a", "n_b", "a_fingerprint", "b_fingerprint", "iddpm_version", "num",
+                                 "detector") if out.get(k) is not None}
+    counts = [v for v in (out.get("n_a"), out.get("n_b")) if v is not None]
+    n = min(counts) if counts else None
+    prov = provenance()
+    return [result_row(experiment=exp, metric=metric, value=out[key],
+                       ci_low=out.get(lo) if lo else None, ci_high=out.get(hi) if hi else None, n=n,
+                       mode=out.get("mode"), seed=out.get("seed"), weights_sha256=out.get("weights_sha256"),
+                       extra=extra, prov=prov)
+            for group in metrics for metric, key, lo, hi in columns[group] if key in out]
+
+
 def append_result(path: str | os.PathLike, *, replace: bool = False, **fields) -> dict:
     """Append one measurement (fields of :func:`result_row`) to the table at ``path`` and return
     the row as written; ``replace`` as in :func:`append_results`."""
     out = result_row(**fields)
     append_results(path, [out], replace=replace)
     return out
-
-
-def check_experiment(experiment: str) -> str:
-    """An experiment name must be one line of text (it is a CSV cell and a report heading)."""
-    return _as_text("experiment", experiment, {"experiment": experiment, "metric": None}) or ""
 
 
 def check_table(path: str | os.PathLike, experiment: str | None = None) -> Path:
@@ -265,7 +177,7 @@ def _write_parquet(path: Path) -> Path | None:
 
 
 def _key(v: Any) -> str | None:
-    return None if _is_missing(v) else str(v)
+    return None if is_missing(v) else str(v)
 
 
 def row_identity(row: Any) -> tuple | None:
@@ -295,7 +207,7 @@ def append_results(path: str | os.PathLike, rows: list[dict], *, replace: bool =
     rows = list(rows)
     if not rows or not dist.is_main():
         return 0
-    need_prov = any(any(_is_missing(r.get(c)) for c in PROVENANCE_COLUMNS) for r in rows if isinstance(r, dict))
+    need_prov = any(any(is_missing(r.get(c)) for c in PROVENANCE_COLUMNS) for r in rows if isinstance(r, dict))
     prov = provenance() if need_prov else None
     new = _frame(normalize_row(r, prov) for r in rows)
     check_writable(path, what="results table")
@@ -417,16 +329,3 @@ def _checked_frame(path: Path, df: pd.DataFrame) -> pd.DataFrame:
         i = int(empty.to_numpy().nonzero()[0][0])
         raise ValueError(f"results table {path}: row {i + 2} has an empty experiment or metric")
     return df
-
-
-def parse_extra(text: Any) -> dict:
-    """The ``extra`` column of one row as a dict (empty when absent or not a JSON object)."""
-    if _is_missing(text):
-        return {}
-    if isinstance(text, dict):
-        return text
-    try:
-        v = json.loads(text)
-    except (TypeError, json.JSONDecodeError):
-        return {}
-    return v if isinstance(v, dict) else {}

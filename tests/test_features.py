@@ -306,3 +306,13 @@ def test_full_nvidia_torchscript_with_classifier_exposes_logits(tmp_path, images
     expected = out["pool"].astype(np.float64) @ full.output.weight.detach().double().numpy().T
     assert rel_err(out["logits_unbiased"], expected) < 1e-5
     assert rel_err(out["logits"], expected + full.output.bias.detach().double().numpy()) < 1e-5
+
+
+def test_tune_cpu_allocator_applies_once_on_linux():
+    import sys
+
+    from iddpm_eval.features import tune_cpu_allocator
+
+    first = tune_cpu_allocator()
+    assert first is tune_cpu_allocator()  # cached: mallopt runs once per process
+    assert first is sys.platform.startswith("linux")  # glibc's mallopt accepts both thresholds here

@@ -67,7 +67,7 @@ def test_fid_json_folder_vs_npz(tmp_path, fake):
     for key in ("seed", "iddpm_version", "a_fingerprint", "b_fingerprint"):
         assert key in out
     assert len(fake) == 1  # one extractor serves both sources
-    from iddpm_eval.fid import compare
+    from iddpm_eval.measure import compare
 
     eig = compare(str(tmp_path / "a"), str(tmp_path / "b.npz"), method="eig", progress=False)
     assert eig["fid"] == pytest.approx(out["fid"], rel=1e-8) and eig["fid_method"] == "eig"
@@ -232,7 +232,7 @@ def test_legacy_tf_fid_equals_torch_fidelity(two_folders):
     import peers
     import torch_fidelity
 
-    from iddpm_eval.fid import compare
+    from iddpm_eval.measure import compare
 
     dir_a, dir_b, root = two_folders
     ours = compare(str(dir_a), str(dir_b), mode="legacy-tf", batch_size=8, progress=False)
@@ -250,7 +250,7 @@ def test_clean_fid_equals_cleanfid(two_folders):
     import torch
     from cleanfid import fid as cleanfid
 
-    from iddpm_eval.fid import compare
+    from iddpm_eval.measure import compare
 
     dir_a, dir_b, root = two_folders
     # eigenvalue form on our side (saves one 2048x2048 sqrtm; sqrtm == eig is tested in test_stats_fid)

@@ -81,14 +81,14 @@ class _FakeExtractor:
 def test_fid_by_sampling_steps_rows(tmp_path, monkeypatch):
     from iddpm_core.checkpoint import save_checkpoint
     from iddpm_core.diffusion import DiffusionConfig
-    from iddpm_eval import sweep_eval
+    from iddpm_eval import measure
     from iddpm_eval.fid import fid_from_features
     from iddpm_eval.sampling_steps import fid_by_sampling_steps
 
     fake = _FakeExtractor()
     ref = fake(np.random.default_rng(0).integers(0, 256, (16, 8, 8, 1), dtype=np.uint8))["pool"]
-    monkeypatch.setattr(sweep_eval, "_extractor", lambda *a, **k: fake)
-    monkeypatch.setattr(sweep_eval, "reference_features", lambda *a, **k: ref)
+    monkeypatch.setattr(measure, "cached_extractor", lambda *a, **k: fake)
+    monkeypatch.setattr(measure, "reference_features", lambda *a, **k: ref)
     cfg = ModelConfig(**{**CUNET.to_dict(), "learn_sigma": True})
     path = tmp_path / "c.pt"
     save_checkpoint(path, _perturbed(cfg), cfg, diffusion_config=DiffusionConfig(steps=12).to_dict())

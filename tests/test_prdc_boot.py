@@ -173,7 +173,8 @@ def test_sfid_interval_on_the_shared_resamples(tmp_path, monkeypatch):
     """sFID gets an interval from the same draws as FID's: equal to bootstrap_fid on the spatial
     features with those draws."""
     from iddpm_eval import sources
-    from iddpm_eval.fid import bootstrap_fid, compare
+    from iddpm_eval.fid import bootstrap_fid
+    from iddpm_eval.measure import compare
     from test_stats_fid import FakeExtractor
 
     def make(mode="legacy-tf", weights=None, batch_size=64, sfid=False, device=None):

@@ -230,3 +230,21 @@ def test_fd_dinov2_cli_end_to_end(tmp_path):
     r = _run("stats", tmp_path / "a.npz", "-o", tmp_path / "a.pkl", "--detector", "dinov2-vitb14",
              "--dinov2-weights", wpath, "--no-progress", ok=False)
     assert "EDM2 .pkl files hold only inception-2015-12-05 (legacy-tf), dinov2-vitl14 (edm2)" in r.output
+
+
+def test_edm2_and_adm_writers_refuse_what_the_format_cannot_hold(tmp_path):
+    mu, sigma = _stats(np.random.default_rng(0))
+    assert R.check_edm2_writable("x.pkl", S.INCEPTION, "legacy-tf") == "fid"
+    assert R.check_edm2_writable("x.pkl", "dinov2-vitl14", "edm2") == "fd_dinov2"
+    with pytest.raises(S.StatsError, match="x.pkl: EDM2 .pkl files hold only"):
+        R.check_edm2_writable("x.pkl", S.INCEPTION, "clean")
+    st = S.FeatureStats(mu, sigma, count=50, mode="legacy-tf", detector=S.INCEPTION)
+    R.save_edm2_pkl(tmp_path / "r.pkl", st)
+    with open(tmp_path / "r.pkl", "rb") as f:
+        obj = pickle.load(f)
+    assert obj["num_images"] == 50 and np.array_equal(obj["fid"]["sigma"], sigma)
+    images = np.zeros((3, 4, 4, 3), np.uint8)
+    R.save_adm_batch(tmp_path / "b.npz", images, st)
+    assert S.load_stats(tmp_path / "b.npz").origin == "adm"
+    with pytest.raises(S.StatsError, match=r"uint8 \(N, H, W, 3\)"):
+        R.save_adm_batch(tmp_path / "c.npz", images[..., :1], st)

@@ -225,3 +225,26 @@ def test_regress_names_the_truncated_line(tmp_path):
     r = invoke("regress", "--baseline", bad, "--current", bad)
     assert r.exit_code == 2 and "cur.csv: line 3 has 3 fields where the header has 16" in r.output
     no_traceback(r)
+
+
+def test_shared_source_flags_and_checks_before_computing(tmp_path):
+    import click
+
+    from iddpm_eval.cli.experiment import resolve_spec
+    from iddpm_eval.cli.fid import run_compare, source_options
+    from iddpm_eval.cli.outputs import check_results
+
+    cmd = source_options(click.command()(lambda **kw: None))
+    names = {p.name for p in cmd.params}
+    assert {"mode", "features", "num", "seed", "results", "experiment", "save_features", "sampler"} <= names
+    with pytest.raises(click.UsageError, match="--experiment must not be empty"):
+        check_results(tmp_path / "r.csv", " ")
+    check_results(None, "")  # no table: nothing to check
+    with pytest.raises(click.ClickException, match="no-such-source"):
+        run_compare(str(tmp_path / "no-such-source"), str(tmp_path / "b"), as_json=False, results=None,
+                    experiment=None, no_progress=True)
+    spec = tmp_path / "exp.toml"
+    spec.write_text("")
+    assert resolve_spec(str(spec), None) == (spec, tmp_path.name)
+    with pytest.raises(click.UsageError, match="give a path or --suite"):
+        resolve_spec("nothing-here", None)

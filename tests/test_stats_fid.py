@@ -299,3 +299,20 @@ def test_bootstrap_interval_is_shifted_by_the_bootstrap_bias():
     assert (r["low"], r["high"]) == pytest.approx((r["pct_low"] - bias, r["pct_high"] - bias))
     assert r["pct_low"] == pytest.approx(np.quantile(r["values"], 0.025))
     assert r["low"] <= est <= r["high"]
+
+
+def test_stats_helpers_detector_indices_keys_checks(tmp_path):
+    assert S.implied_detector("dinov2-vitl14", "edm2") == "dinov2-vitl14"
+    assert S.implied_detector(None, "clean") == S.INCEPTION and S.implied_detector(None, None, 2048) == S.INCEPTION
+    assert S.implied_detector(None, None, 768) is None and S.implied_detector(None, "edm2") is None
+    idx = S.choose_indices(50, 10, 3)
+    assert len(set(idx)) == 10 and list(idx) == sorted(idx) and (idx == S.choose_indices(50, 10, 3)).all()
+    assert S.choose_indices(50, None, 3) is None and S.choose_indices(50, 50, 3) is None
+    with pytest.raises(S.StatsError, match="larger than the source src"):
+        S.choose_indices(5, 6, 0, "src")
+    np.savez(tmp_path / "k.npz", mu=np.zeros(2), pool=np.zeros((2, 2)))
+    assert S.npz_keys(tmp_path / "k.npz") == {"mu", "pool"}
+    mu, sigma = S.check_stats([1, 2], np.eye(2), "x")
+    assert mu.dtype == np.float64 and sigma.shape == (2, 2)
+    with pytest.raises(S.StatsError, match="x: mu must be"):
+        S.check_stats(np.zeros(3), np.eye(2), "x")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import multiprocessing
 import os
@@ -432,3 +433,43 @@ def test_stale_parquet_copy_is_never_read(tmp_path, monkeypatch):
     path.write_text(path.read_text().replace("\na,", "\nz,", 1))
     assert read_results(pq)["experiment"].tolist() == ["z", "b"]
 
+
+
+# ----------------------------------------------------------------------------- rows
+
+def test_row_checks_and_result_row():
+    from iddpm_eval.row_checks import check_experiment, is_missing, normalize_row
+    from iddpm_eval.tables import result_row
+
+    assert [is_missing(v) for v in (None, pd.NA, float("nan"), "", 0, "x")] == [True] * 4 + [False] * 2
+    out = normalize_row({"experiment": "e", "metric": "fid", "value": "1.5", "n": 3.0},
+                        prov={"package_version": "1", "git_commit": "c", "time": "t", "machine": "m"})
+    assert list(out) == COLUMNS and out["value"] == 1.5 and out["n"] == 3 and out["git_commit"] == "c"
+    assert check_experiment("one line") == "one line"
+    with pytest.raises(ValueError, match="one line"):
+        check_experiment("two\nlines")
+    r = result_row(experiment="e", metric="fid", value=2.0, extra={"a": 1})
+    assert json.loads(r["extra"])["command"] and json.loads(r["extra"])["a"] == 1 and r["package_version"]
+
+
+def test_row_identity_is_what_a_rerun_shares():
+    from iddpm_eval.tables import row_identity
+
+    a = dict(experiment="e", metric="fid", mode=None, seed=0, n=5, config_hash=None, checkpoint_hash=None,
+             weights_sha256="w", extra=json.dumps({"command": "c", "a_fingerprint": "x", "other": 1}))
+    assert row_identity(a) == row_identity({**a, "extra": json.dumps({"command": "c", "a_fingerprint": "x"})})
+    assert row_identity(a) != row_identity({**a, "seed": 1})
+    assert row_identity(a) != row_identity({**a, "extra": json.dumps({"command": "c", "a_fingerprint": "y"})})
+    assert row_identity({**a, "extra": "{}"}) is None  # no command: never the same measurement
+
+
+def test_comparison_rows_one_per_metric_with_intervals():
+    from iddpm_eval.tables import comparison_rows
+
+    out = dict(a="A", b="B", n_a=10, n_b=7, fid=3.0, fid_ci_low=2.0, fid_ci_high=4.0, kid_mean=0.1, precision=0.5,
+               recall=0.4, density=0.9, coverage=0.6, mode="legacy-tf", seed=1, weights_sha256="w")
+    rows = comparison_rows(out, None, fd="fd_dinov2")
+    assert [r["metric"] for r in rows] == ["fd_dinov2", "kid", "precision", "recall", "density", "coverage"]
+    assert rows[0]["experiment"] == "A vs B" and rows[0]["n"] == 7 and rows[0]["ci_low"] == 2.0
+    assert rows[1]["value"] == 0.1 and rows[1]["ci_low"] is None and json.loads(rows[1]["extra"])["n_a"] == 10
+    assert [r["metric"] for r in comparison_rows(out, "x", metrics=("prdc", "fid"))][-1] == "fid"

@@ -53,26 +53,7 @@ def source_options(f):
     return f
 
 
-def result_rows(out: dict, metrics: list[tuple[str, str, str | None, str | None]], experiment: str | None
-                ) -> list[dict]:
-    """One results row per (metric, key, ci_low key, ci_high key) present in ``out``."""
-    from iddpm_core.provenance import provenance
-    from iddpm_eval.tables import result_row
-
-    exp = experiment or f"{out['a']} vs {out['b']}"
-    extra = {k: out[k] for k in ("a", "b", "n_a", "n_b", "a_fingerprint", "b_fingerprint", "iddpm_version", "num",
-                                 "detector") if out.get(k) is not None}
-    counts = [v for v in (out.get("n_a"), out.get("n_b")) if v is not None]
-    n = min(counts) if counts else None  # the smaller set bounds the estimate; both are in extra
-    prov = provenance()
-    return [result_row(experiment=exp, metric=metric, value=out[key],
-                       ci_low=out.get(lo) if lo else None, ci_high=out.get(hi) if hi else None, n=n,
-                       mode=out.get("mode"), seed=out.get("seed"), weights_sha256=out.get("weights_sha256"),
-                       extra=extra, prov=prov)
-            for metric, key, lo, hi in metrics if key in out]
-
-
-def check_outputs(a, b, results, experiment, save_features) -> None:
+def _check_outputs(a, b, results, experiment, save_features) -> None:
     """Before computing: the results table, the experiment name, the features folder."""
     from iddpm_eval.cli.outputs import check_output, check_results
 
@@ -82,9 +63,9 @@ def check_outputs(a, b, results, experiment, save_features) -> None:
 
 def run_compare(a, b, *, as_json, results, experiment, no_progress, **kw) -> dict:
     from iddpm_core.data import DataError
-    from iddpm_eval.fid import compare
+    from iddpm_eval.measure import compare
 
-    check_outputs(a, b, results, experiment, kw.get("save_features"))
+    _check_outputs(a, b, results, experiment, kw.get("save_features"))
     try:
         return compare(a, b, progress=not no_progress, **kw)
     except (DataError, ValueError, FileNotFoundError) as exc:
@@ -131,13 +112,10 @@ def fid(a, b, mode, features, dinov2_weights, dinov2_sha256, num, batch_size, se
         click.echo(json.dumps(out, sort_keys=True))
     else:
         _print(out, a, features, bootstrap)
-    fd = METRIC_NAMES[features]
     if results:  # printed first, so a failed write loses nothing the user has not seen
-        record(results, result_rows(out, [(fd, "fid", "fid_ci_low", "fid_ci_high"),
-                                          (f"{fd}_inf", "fd_inf", "fd_inf_ci_low", "fd_inf_ci_high"),
-                                          ("kid", "kid_mean", None, None), ("sfid", "sfid", "sfid_ci_low", "sfid_ci_high")]
-                                    + [(m, m, f"{m}_ci_low", f"{m}_ci_high")
-                                       for m in ("precision", "recall", "density", "coverage")], experiment))
+        from iddpm_eval.tables import comparison_rows
+
+        record(results, comparison_rows(out, experiment, fd=METRIC_NAMES[features]))
 
 
 def _print(out: dict, a: str, features: str, bootstrap: int) -> None:

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from iddpm_eval.cli.fid import METRIC_NAMES, result_rows, run_compare, source_options
+from iddpm_eval.cli.fid import METRIC_NAMES, run_compare, source_options
 from iddpm_eval.cli.outputs import record
 
 
@@ -44,6 +44,6 @@ def recall(a, b, mode, features, dinov2_weights, dinov2_sha256, num, batch_size,
             click.echo(f"{'FID' if features == 'inception' else 'FD_DINOv2'} {out['fid']:.4f}{ci}")
         click.echo(f"weights sha256 {out['weights_sha256']}")
     if results:  # printed first, so a failed write loses nothing the user has not seen
-        record(results, result_rows(out, [(m, m, f"{m}_ci_low", f"{m}_ci_high")
-                                          for m in ("precision", "recall", "density", "coverage")]
-                                    + [(METRIC_NAMES[features], "fid", "fid_ci_low", "fid_ci_high")], experiment))
+        from iddpm_eval.tables import comparison_rows
+
+        record(results, comparison_rows(out, experiment, fd=METRIC_NAMES[features], metrics=("prdc", "fid")))
