@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-from iddpm_core.io import file_sha256  # noqa: F401  (re-exported: provenance.file_sha256)
 
 UNKNOWN = "unknown"
 SHORT_HASH_CHARS = 16  # config_hash default length: 64 bits of sha256 (hex)

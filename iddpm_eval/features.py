@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from iddpm_eval.inception import FIDInception
 from iddpm_eval.preprocess import MODES, check_images, preprocess
-from iddpm_eval.weights import file_sha256, load_nvidia_state, resolve_weights
+from iddpm_core.io import file_sha256
+from iddpm_eval.weights import load_nvidia_state, resolve_weights
 
 DIMS = 2048
 SFID_DIMS = 17 * 17 * 7

@@ -22,7 +22,8 @@ from typing import Sequence
 import pandas as pd
 
 from iddpm_core.io import atomic_path
-from iddpm_core.provenance import file_sha256, package_version, utc_now
+from iddpm_core.io import file_sha256
+from iddpm_core.provenance import package_version, utc_now
 from iddpm_eval.tables import _file_mode, parse_extra, read_results
 
 OTHER = "Other figures"

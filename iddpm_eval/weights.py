@@ -35,7 +35,6 @@ from pathlib import Path
 import torch
 
 from iddpm_core.checkpoint import torch_load_reason
-from iddpm_core.io import file_sha256  # noqa: F401  (re-exported: weights.file_sha256)
 
 ENV_VAR = "IDDPM_FID_WEIGHTS"
 WHEEL_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"

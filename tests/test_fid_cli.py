@@ -239,7 +239,7 @@ def test_legacy_tf_fid_equals_torch_fidelity(two_folders):
     theirs = torch_fidelity.calculate_metrics(input1=str(dir_b), input2=str(dir_a), fid=True,
                                               **peers.torch_fidelity_kwargs(root))
     assert ours["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-3)
-    from iddpm_eval.weights import file_sha256
+    from iddpm_core.io import file_sha256
 
     assert ours["n_a"] == ours["n_b"] == 24 and ours["weights_sha256"] == file_sha256(peers.nvidia_weights())
 

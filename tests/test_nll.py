@@ -433,7 +433,7 @@ def test_options_checked_once_for_every_caller():
 
 
 def test_load_gives_the_saved_weights_and_the_full_chain(tmp_path):
-    from iddpm_core.provenance import file_sha256
+    from iddpm_core.io import file_sha256
 
     ck = write_checkpoint(tmp_path / "m.pt", steps=7)
     lm = load(ck, ema="raw")

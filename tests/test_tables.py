@@ -16,7 +16,8 @@ import pytest
 
 from iddpm_core import provenance as prov_mod
 from iddpm_eval import tables
-from iddpm_core.provenance import config_hash, file_sha256, git_commit, provenance
+from iddpm_core.io import file_sha256
+from iddpm_core.provenance import config_hash, git_commit, provenance
 from iddpm_eval.tables import COLUMNS, append_result, append_results, read_results
 
 PROV = {"package_version": "9.9.9", "git_commit": "abc", "time": "2026-01-01T00:00:00Z", "machine": "test"}

@@ -52,7 +52,7 @@ def load(checkpoint: str | os.PathLike, ema: str | float | None = None, device: 
     """Load a training checkpoint (EMA weights by default; ``ema="raw"`` for the raw weights) and
     build its full diffusion (no respacing)."""
     from iddpm_core.diffusion import build_diffusion
-    from iddpm_core.provenance import file_sha256
+    from iddpm_core.io import file_sha256
     from iddpm_core.checkpoint import load_model
 
     sm = load_model(checkpoint, ema=ema, device=device)
