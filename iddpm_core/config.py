@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from iddpm_core.checks import refuse_unknown
+
 SAMPLERS = ("uniform", "loss-second-moment")
 # Train-config fields that may change when a run is resumed; the others must match the checkpoint.
 RESUMABLE_FIELDS = ("steps", "log_interval", "sample_interval", "save_interval", "sample_num", "sample_steps",
@@ -29,16 +31,6 @@ RESUMABLE_FIELDS = ("steps", "log_interval", "sample_interval", "save_interval",
 class ResumeError(ValueError):
     """A run cannot be resumed as asked; the message names the file or the fields."""
 
-
-def refuse_unknown(given, known, where: str = "", error: type[Exception] = ValueError, what: str = "keys") -> None:
-    """Raise ``error("<where>: unknown key(s) [...]; known <what> are [...]")`` when ``given`` (a
-    mapping or a collection of names) has a key outside ``known``; the one check behind every
-    config table, spec file and settings table. ``known`` is listed in its own order when it is a
-    list or tuple, sorted otherwise."""
-    unknown = sorted(set(given) - set(known))
-    if unknown:
-        listed = list(known) if isinstance(known, (list, tuple)) else sorted(known)
-        raise error(f"{where + ': ' if where else ''}unknown key(s) {unknown}; known {what} are {listed}")
 
 
 def _dataclass_from_dict(cls, d: dict, where: str):

@@ -45,7 +45,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from iddpm_core.config import refuse_unknown
+from iddpm_core.checks import refuse_unknown
 from iddpm_core.sweep_grid import RunSpec, SweepError, make_grid
 
 TOP_KEYS = ("name", "description", "grid", "model", "diffusion", "train", "eval", "launcher")

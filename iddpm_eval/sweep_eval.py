@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iddpm_core.config import refuse_unknown
+from iddpm_core.checks import refuse_unknown
 
 # Defaults of the settings read from run_info["eval"]; the CLI passes all of them.
 DEFAULTS = {

@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from iddpm_core.config import refuse_unknown
+from iddpm_core.checks import refuse_unknown
 
 
 class RegressError(ValueError):

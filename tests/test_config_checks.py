@@ -2,7 +2,8 @@
 
 import pytest
 
-from iddpm_core.config import RunConfig, refuse_unknown
+from iddpm_core.checks import refuse_unknown
+from iddpm_core.config import RunConfig
 
 
 def test_refuse_unknown_names_the_keys_and_the_known_ones():
@@ -16,3 +17,8 @@ def test_refuse_unknown_names_the_keys_and_the_known_ones():
 def test_run_config_refuses_an_unknown_field():
     with pytest.raises(ValueError, match=r"run config \[model\]: unknown key\(s\) \['widht'\]; known fields are"):
         RunConfig.from_dict({"model": {"widht": 3}})
+
+
+def test_refuse_unknown_with_a_template_keeps_a_callers_wording():
+    with pytest.raises(ValueError, match=r"^bad \['q'\] of \['a', 'b'\]$"):
+        refuse_unknown({"q": 1}, {"a", "b"}, template="bad {unknown} of {known}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from iddpm_core.checks import refuse_unknown
+
 from .gaussian import GaussianDiffusion
 from .respace import SpacedDiffusion, space_timesteps
 from .schedules import get_betas
@@ -27,10 +29,8 @@ class DiffusionConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DiffusionConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown diffusion config keys {unknown}; expected some of {sorted(names)}")
+        refuse_unknown(d, {f.name for f in dataclasses.fields(cls)},
+                       template="unknown diffusion config keys {unknown}; expected some of {known}")
         return cls(**d)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from iddpm_core.checks import refuse_unknown
+
 # Channel multipliers per image size. 32 and 64 px are Improved DDPM's; 28 px (Fashion-MNIST) and
 # 8 px (scikit-learn digits) halve as often as the size allows (28 -> 14 -> 7, 8 -> 4 -> 2).
 DEFAULT_CHANNEL_MULT: dict[int, tuple[int, ...]] = {
@@ -126,8 +128,5 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig fields {unknown}")
+        refuse_unknown(d, {f.name for f in dataclasses.fields(cls)}, template="unknown ModelConfig fields {unknown}")
         return cls(**d)

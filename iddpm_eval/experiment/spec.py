@@ -54,7 +54,7 @@ import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from iddpm_core.config import refuse_unknown
+from iddpm_core.checks import refuse_unknown
 from iddpm_core.sweep_grid import OBJECTIVES, RunSpec, SweepError, make_grid
 from iddpm_core.sweep_spec import read_toml
 
