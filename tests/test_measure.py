@@ -195,3 +195,14 @@ def test_source_statistics_writes_what_it_returns(tmp_path, monkeypatch):
     with pytest.raises(StatsError, match="EDM2 .pkl holds mu/sigma only"):
         sources.source_statistics(str(tmp_path / "i.npz"), tmp_path / "o.pkl", save_features=True)
     assert not Path(tmp_path / "o.pkl").exists()
+
+
+def test_nll_of_checkpoint_carries_the_summary_interval(tmp_path, monkeypatch):
+    from iddpm_eval import nll
+
+    monkeypatch.setattr(nll, "evaluate", lambda checkpoint, data, **kw: {
+        "bpd": 3.5, "bpd_stderr": 0.1, "bpd_ci_low": 3.304, "bpd_ci_high": 3.696, "n": kw["num"], "T": 40,
+        "seconds": 1.0})
+    s = sweep_eval.settings({"eval": {"nll_num": 4, "nll_estimate": 0}, "data": "digits"})
+    cols = sweep_eval.nll_of_checkpoint("ckpt.pt", s, tmp_path)
+    assert (cols["nll_ci_low"], cols["nll_ci_high"]) == (3.304, 3.696)

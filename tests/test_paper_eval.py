@@ -152,3 +152,16 @@ def test_importance_sampling_spec_names_the_gradient_noise_hook():
 
     spec = Path(__file__).resolve().parent.parent / "benchmarks" / "paper" / "importance_sampling.toml"
     assert sw.load_hook(load_experiment(spec, "smoke").eval_hook) is paper_eval.evaluate_gradient_noise
+
+
+def test_report_takes_the_rows_nll_interval_and_derives_it_for_older_rows():
+    from iddpm_eval.experiment.report import _with_nll_ci
+    from iddpm_eval.nll.run import Z
+
+    df = pd.DataFrame({"nll": [3.0, 4.0], "nll_stderr": [0.1, 0.2], "nll_ci_low": [2.5, np.nan],
+                       "nll_ci_high": [3.25, np.nan]})
+    out = _with_nll_ci(df)
+    assert list(out["nll_ci_low"]) == [2.5, 4.0 - Z * 0.2]  # given: kept as the run wrote it
+    assert list(out["nll_ci_high"]) == [3.25, 4.0 + Z * 0.2]  # missing: the summary's rule
+    old = _with_nll_ci(df.drop(columns=["nll_ci_low", "nll_ci_high"]))  # a table from before the columns
+    assert np.allclose(old["nll_ci_low"], [3.0 - Z * 0.1, 4.0 - Z * 0.2], rtol=0, atol=0)

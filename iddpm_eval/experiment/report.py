@@ -17,7 +17,6 @@ import pandas as pd
 from iddpm_core.io import write_text
 from iddpm_core.provenance import json_clean
 
-Z95 = 1.959963984540054
 PROVENANCE = ("git_commit", "command", "config_hash", "config", "seed", "checkpoint", "job_id", "time")
 
 
@@ -51,14 +50,17 @@ def _write_csv(df: pd.DataFrame, path: Path) -> Path:
 
 def _with_nll_ci(df: pd.DataFrame) -> pd.DataFrame:
     """The bits/dim interval of each row: the one the nll run's summary gave (columns nll_ci_low /
-    nll_ci_high of the sweep rows), or nll +- 1.96 stderr for rows written before they carried it."""
+    nll_ci_high of the sweep rows), or the summary's own rule (nll +- Z stderr, Z of
+    :mod:`iddpm_eval.nll.run`) for rows written before they carried it."""
     df = df.copy()
     if "nll" in df:
+        from iddpm_eval.nll.run import Z
+
         v = pd.to_numeric(df["nll"], errors="coerce")
         se = pd.to_numeric(df.get("nll_stderr"), errors="coerce")
         for col, sign in (("nll_ci_low", -1.0), ("nll_ci_high", 1.0)):
             given = pd.to_numeric(df[col], errors="coerce") if col in df else pd.Series(np.nan, index=df.index)
-            df[col] = given.fillna(v + sign * Z95 * se)
+            df[col] = given.fillna(v + sign * Z * se)
     return df
 
 
