@@ -90,12 +90,20 @@ def frechet_distance_eig(mu1, sigma1, mu2, sigma2) -> float:
     return clamp_round_off(diff @ diff + traces - 2 * tr_covmean, traces)
 
 
-def fid_lowrank(feats1: np.ndarray, feats2: np.ndarray) -> float:
+def fid_lowrank(feats1: np.ndarray, feats2: np.ndarray, gram: bool = False) -> float:
     """FID of two feature sets computed in the span of the images: exact, and fast when there are
     fewer images than feature dimensions. With centred features A1 (n1 x d), A2 and
     S_i = A_i^T A_i / (n_i - 1), the non-zero eigenvalues of S1 S2 are those of M M^T / c with
     M = A1 A2^T and c = (n1 - 1)(n2 - 1), so tr sqrt(S1 S2) = (sum of singular values of M) / sqrt(c).
-    No 1e-6 regularisation is needed (or applied)."""
+    No 1e-6 regularisation is needed (or applied).
+
+    ``gram=True`` takes the singular values as square roots of the eigenvalues of the smaller Gram
+    matrix (M M^T or M^T M; ``eigvalsh``, about 4x faster than the SVD at 1,000 images). Each
+    eigenvalue then carries an absolute error of about eps ||M||^2, so a singular value below
+    sqrt(eps) ||M|| is lost in it and the sum is off by at most n sqrt(eps) ||M|| / sqrt(c): about
+    1e-5 of the top singular value per image, far inside a bootstrap interval (what it is used
+    for: :func:`bootstrap_fid`'s rounds), but not bit-equal to the SVD, so the point estimate keeps
+    the SVD."""
     a1 = np.asarray(feats1, np.float64)
     a2 = np.asarray(feats2, np.float64)
     if a1.ndim != 2 or a2.ndim != 2 or a1.shape[1] != a2.shape[1] or min(len(a1), len(a2)) < 2:
@@ -106,7 +114,13 @@ def fid_lowrank(feats1: np.ndarray, feats2: np.ndarray) -> float:
     a1, a2 = a1 - mu1, a2 - mu2
     n1, n2 = len(a1), len(a2)
     tr1, tr2 = (a1 * a1).sum() / (n1 - 1), (a2 * a2).sum() / (n2 - 1)
-    nuclear = np.linalg.svd(a1 @ a2.T, compute_uv=False).sum() / np.sqrt((n1 - 1) * (n2 - 1))
+    m = a1 @ a2.T
+    if gram:
+        g = m @ m.T if n1 <= n2 else m.T @ m
+        sv = np.sqrt(np.clip(np.linalg.eigvalsh(g), 0.0, None))
+    else:
+        sv = np.linalg.svd(m, compute_uv=False)
+    nuclear = sv.sum() / np.sqrt((n1 - 1) * (n2 - 1))
     diff = mu1 - mu2
     return clamp_round_off(diff @ diff + tr1 + tr2 - 2 * nuclear, tr1 + tr2)
 
@@ -138,8 +152,8 @@ def fid_of(feats1: np.ndarray | None, feats2: np.ndarray | None, stats1=None, st
     ``stats`` = (mu, sigma), in the form ``method`` ("sqrtm", "eig", "lowrank" or "auto", see
     :func:`choose_method`); statistics of a side with features are computed from them."""
     method = choose_method(feats1, feats2, method)
-    if method == "lowrank":
-        return fid_lowrank(feats1, feats2)
+    if method in ("lowrank", "lowrank-gram"):
+        return fid_lowrank(feats1, feats2, gram=method == "lowrank-gram")
     (mu1, s1), (mu2, s2) = (stats if feats is None else stats_from_features(feats)
                             for feats, stats in ((feats1, stats1), (feats2, stats2)))
     return DISTANCES[method](mu1, s1, mu2, s2)
@@ -153,8 +167,9 @@ def bootstrap_fid(feats1: np.ndarray | None, feats2: np.ndarray | None, rounds: 
     recomputes its statistics and the distance. Returns low, high, the rounds' values, which
     sides were resampled and the method used per round. ``method`` "auto": :func:`fid_lowrank`
     when both sides have features and fewer images than dimensions (the same number as sqrtm at
-    a fraction of the cost: one 2048 sqrtm per round would take tens of seconds on a CPU), else
-    "sqrtm"; "sqrtm", "eig" and "lowrank" force one.
+    a fraction of the cost: one 2048 sqrtm per round would take tens of seconds on a CPU; its rounds
+    take the singular values from the Gram matrix, ``gram=True``), else "sqrtm"; "sqrtm", "eig" and
+    "lowrank" force one.
 
     A resample repeats images, which inflates FID: at a few hundred images the whole bootstrap
     distribution can lie above the estimate, so the plain percentile interval (``pct_low``,
@@ -179,10 +194,11 @@ def bootstrap_fid(feats1: np.ndarray | None, feats2: np.ndarray | None, rounds: 
     if len(draws) != rounds:
         raise ValueError(f"got {len(draws)} resamples for {rounds} bootstrap rounds")
     values = np.empty(rounds)
+    per_round = "lowrank-gram" if method == "lowrank" else method  # the rounds' singular values from the Gram
     for r in tqdm(range(rounds), desc="bootstrap", disable=not progress, leave=False):
         i1, i2 = draws[r]
         values[r] = fid_of(None if feats1 is None else feats1[i1], None if feats2 is None else feats2[i2],
-                           stats1, stats2, method)
+                           stats1, stats2, per_round)
     alpha = (1 - confidence) / 2
     pct_low, pct_high = (float(q) for q in np.quantile(values, [alpha, 1 - alpha]))
     bias = float(values.mean() - estimate) if estimate is not None else 0.0

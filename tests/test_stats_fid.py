@@ -279,6 +279,27 @@ def test_lowrank_fid_equals_sqrtm_and_eig_when_fewer_images_than_dims():
         F.fid_lowrank(np.full((3, 4), np.nan), y[:, :4])
 
 
+def test_lowrank_gram_form_within_its_error_bound():
+    # The Gram form loses singular values below sqrt(eps) ||M||: the nuclear norm moves by at most
+    # n sqrt(eps) ||M|| / sqrt(c), FID by twice that. Checked on a decaying spectrum, with repeated
+    # rows (a bootstrap resample: rank-deficient M), and with n1 > n2 (the other Gram).
+    rng = np.random.default_rng(5)
+    scale = 1.0 / np.arange(1, 257) ** 1.5
+    x = rng.standard_normal((200, 256)) * scale
+    y = rng.standard_normal((150, 256)) * scale + 0.01
+    for a, b in ((x, y), (y, x), (x[rng.integers(0, 200, 200)], y)):
+        a1, b1 = a - a.mean(0), b - b.mean(0)
+        norm = np.linalg.norm(a1 @ b1.T, 2) / np.sqrt((len(a) - 1) * (len(b) - 1))
+        bound = 2 * min(len(a), len(b)) * np.sqrt(np.finfo(float).eps) * norm
+        exact, gram = F.fid_lowrank(a, b), F.fid_lowrank(a, b, gram=True)
+        assert abs(gram - exact) <= bound and bound < 1e-3 * exact
+    # the bootstrap's rounds use it: each round equals the Gram form on its resample
+    r = F.bootstrap_fid(x, y, 3, seed=1)
+    d = S.bootstrap_draws(200, 150, 3, 1)
+    assert r["method"] == "lowrank"
+    assert r["values"][0] == F.fid_lowrank(x[d[0][0]], y[d[0][1]], gram=True)
+
+
 def test_bootstrap_auto_uses_lowrank_with_the_same_rounds_as_sqrtm():
     x, y = _feats(20, 48, 13).astype(np.float64), _feats(25, 48, 14, shift=0.2).astype(np.float64)
     auto = F.bootstrap_fid(x, y, 6, seed=3)
