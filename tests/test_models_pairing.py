@@ -87,24 +87,26 @@ def test_pairings_on_tiny_unet_match_their_targets():
     assert abs(forward_flops(f) / forward_flops(u) - 1) < 0.25
 
 
-def test_spec_text_loads_as_a_sweep_spec(tmp_path):
+def test_spec_text_loads_as_an_experiment(tmp_path):
     from benchmarks.missing_u.pairings import pairing_row, spec_text
-    from iddpm_core.sweep_spec import load_spec
+    from iddpm_eval.experiment.spec import load_experiment
 
-    pair = {"unet": replace(TINY_UNET, learn_sigma=True), "cunet": replace(TINY_CUNET, learn_sigma=True)}
+    # the spec takes image size and channels from its data (Fashion-MNIST 28x28x1)
+    at28 = dict(learn_sigma=True, image_size=28, in_channels=1, attention_resolutions=(14,))
+    pair = {"unet": replace(TINY_UNET, **at28), "cunet": replace(TINY_CUNET, **at28)}
     row = pairing_row("tiny", pair, budget=1e10, batch=16)
     assert row["compute_gap"] <= 0.05
-    for side in ("unet", "cunet"):
-        path = tmp_path / f"tiny_{side}.toml"
-        path.write_text(spec_text("tiny", side, pair[side], int(row[f"{side}_steps"]), row))
-        spec = load_spec(path)
-        (run,) = spec.runs
-        assert run.config.model.kind == side
+    path = tmp_path / "tiny.toml"
+    path.write_text(spec_text("tiny", pair, row, steps_study=50))
+    exp = load_experiment(path)
+    assert exp.kind == "missing-u" and exp.eval_settings["mu_steps_num"] == 50
+    for side, run in zip(("unet", "cunet"), exp.runs):
+        assert run.name == side and run.config.model.kind == side
         assert run.config.model.base_channels == pair[side].base_channels
         assert run.steps[-1] == row[f"{side}_steps"]
-        if side == "cunet":
-            assert (run.config.model.solver, run.config.model.solver_steps) == ("rk4", 1)
         assert run.config.train.batch_size == 16  # the batch the steps were computed for
+        assert run.config.diffusion.loss == "hybrid" and run.config.model.learn_sigma
+    assert (exp.runs[1].config.model.solver, exp.runs[1].config.model.solver_steps) == ("rk4", 1)
 
 
 def test_committed_specs_agree_with_the_committed_pairing_table():
@@ -113,7 +115,7 @@ def test_committed_specs_agree_with_the_committed_pairing_table():
     import csv
     from pathlib import Path
 
-    from iddpm_core.sweep_spec import load_spec
+    from iddpm_eval.experiment.spec import load_experiment
 
     root = Path(__file__).resolve().parents[1]
     rows = {r["pairing"]: r for r in csv.DictReader((root / "results/missing_u/pairings.csv").open())}
@@ -121,7 +123,7 @@ def test_committed_specs_agree_with_the_committed_pairing_table():
         row = rows[name]
         assert float(row["compute_gap"]) <= 0.05
         assert compute_gap(float(row["unet_train_flops_total"]), float(row["cunet_train_flops_total"])) <= 0.05
-        for side in ("unet", "cunet"):
-            (run,) = load_spec(root / f"benchmarks/missing_u/{name}_{side}.toml").runs
+        exp = load_experiment(root / f"benchmarks/missing_u/{name}.toml")
+        for side, run in zip(("unet", "cunet"), exp.runs):
             assert run.steps[-1] == int(row[f"{side}_steps"])
             assert run.config.model.kind == side

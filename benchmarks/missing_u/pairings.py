@@ -29,12 +29,14 @@ Pairings (each a U-Net config and a continuous U-Net config):
 - ``flops``: equal forward FLOPs (ODE evaluations included): the same U-Net, the continuous
   U-Net's width searched for the U-Net's forward FLOPs.
 
-Training (:func:`write_specs`): Fashion-MNIST 28x28, Improved DDPM's L_hybrid recipe (cosine, T =
-1000, learned variances) for both sides, the same batch, learning rate and EMA (not tuned for
-either); each side gets ``steps = budget / (3 x forward FLOPs x batch)`` and the pairing is checked
-with the measured forward + backward FLOPs (within 5%). One sweep spec per side
-(``benchmarks/missing_u/<pairing>_<unet|cunet>.toml``), evaluated at a quarter, half and all of the
-budget. Usage: ``python -m benchmarks.missing_u.pairings [--budget 5e13] [--no-specs]``.
+Training (:func:`write_specs`): one experiment spec per pairing (``benchmarks/missing_u/<pairing>.toml``,
+kind ``missing-u``, rows ``unet`` and ``cunet``; run by ``python -m benchmarks.missing_u PAIRING``):
+Fashion-MNIST 28x28, Improved DDPM's L_hybrid recipe (cosine, learned variances) for both sides, the
+same batch, learning rate and EMA (not tuned for either); each side gets
+``steps = budget / (3 x forward FLOPs x batch)``, the pairing checked with the measured forward +
+backward FLOPs (within 5%), and is evaluated at a quarter, half and all of it. :data:`NOTES` (copied
+into each spec and its results README) lists the protocol's choices.
+Usage: ``python -m benchmarks.missing_u.pairings [--budget 2e13] [--no-specs]``.
 """
 
 from __future__ import annotations
@@ -60,14 +62,41 @@ PAPER_COUNTS = {"cunet_params": 8_811_875, "unet_params": 35_710_339, "cunet_gfl
 # The paper's headline claims: "about a quarter of the parameters", "about 30% of the FLOPs".
 PAPER_CLAIMS = {"params_ratio": 0.25, "flops_ratio": 0.30}
 
-# Training settings shared by both sides of every pairing.
+# Training settings shared by both sides of every pairing (T = 200: see NOTES).
 BATCH = 64
+STEPS_T = 200
 TRAIN = {"data": "fashion-mnist:train", "batch_size": BATCH, "lr": 2e-4, "ema_rates": [0.999], "ema_warmup": True,
-         "save_interval": 100, "sample_interval": 0, "log_interval": 50}
-EVAL = {"fid_num": 1000, "fid_steps": 50, "fid_sampler": "ddim", "fid_ref": "fashion-mnist:test", "fid_ref_num": 2000,
-        "fid_bootstrap": 200, "nll_num": 256, "nll_estimate": 16, "nll_data": "fashion-mnist:test"}
+         "save_interval": 50, "sample_interval": 0, "log_interval": 25, "seed": 0, "sample_num": 16,
+         "sample_steps": "25"}
+EVAL = {"hook": "iddpm_eval.missing_u_eval:evaluate_checkpoint", "fid_num": 1000, "fid_steps": 10,
+        "fid_sampler": "ddim", "fid_ref": "fashion-mnist:test", "fid_ref_num": 1000, "fid_bootstrap": 200,
+        "nll_num": 256, "nll_estimate": 8, "nll_data": "fashion-mnist:test", "mu_steps_num": 0,
+        "mu_denoise_num": 500}
+# The sampling-steps and solver FID study runs on the pairing that makes latency comparable.
+STEPS_STUDY = {"flops": 200}
 FRACTIONS = (0.25, 0.5, 1.0)
-DEFAULT_BUDGET = 5e13  # training FLOPs per side (about 10 minutes of a 2-core CPU at ~80 GFLOP/s)
+DEFAULT_BUDGET = 2e13  # training FLOPs per side (about 1 to 2 minutes of a 2-core CPU at ~200 GFLOP/s)
+NOTES = [
+    "Both sides: Fashion-MNIST 28x28, Improved DDPM's L_hybrid (cosine schedule, learned-range variances), batch 64, "
+    "AdamW lr 2e-4, EMA 0.999 with warm-up, seed 0; nothing tuned for either side.",
+    "Equal training compute: each side trains for budget / (3 x forward FLOPs x batch) steps, checkpoints at a "
+    "quarter, half and all of it; the table shows the measured training FLOPs (the checkpoint's own count).",
+    "T = 200 diffusion steps (not 1000): 'all steps' in the sampling-steps study then costs 200 network evaluations "
+    "per image instead of 1000, which is what makes the study fit the 2-hour budget; 25, 50, 100 and 200 steps "
+    "are respacings of the same chain.",
+    "FID along training: 1,000 DDIM samples with 10 steps (eta 0) against 1,000 Fashion-MNIST test images, "
+    "legacy-tf Inception, 200-round bootstrap; bits/dim: the unbiased 8-timestep estimate on 256 test images "
+    "(standard error over images). The same for both sides, so the curves compare with each other; DDIM-10 FID "
+    "is higher than many-step FID, which the sampling-steps study measures.",
+    "At the last checkpoint of each side: latency per image (batch 1 and 64, median of 15 passes, 2 threads, "
+    "order-statistic interval), the solver study of the continuous U-Net (NFE, FLOPs, latency), one-step "
+    "denoising of 500 held-out test images at sigma 0.03 to 0.3 (PSNR / SSIM by scikit-image, t-intervals).",
+    "The sampling-steps study (FID of 200 samples at 25, 50, 100 and all 200 steps, ancestral and DDIM) and the "
+    "FID of every solver (DDIM 25) run on the equal-FLOPs pairing only, where the two sides cost the same per "
+    "step; on the others they would cost hours (the paper pairing's U-Net is 3.1 GFLOP per forward).",
+    "The experiment's jobs run one at a time on both cores (max_parallel 1), so the latency measurements and the "
+    "wall-time curves of the two sides are taken under the same conditions.",
+]
 
 
 def paper_pairing_64() -> dict[str, ModelConfig]:
@@ -147,45 +176,67 @@ def _toml_value(v) -> str:
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, str):
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
     return repr(v)
 
 
-def spec_text(pairing: str, side: str, config: ModelConfig, steps: int, row: dict) -> str:
-    """A sweep spec (:mod:`iddpm_core.sweep_spec`) training one side of a pairing to ``steps``, with
-    checkpoints at :data:`FRACTIONS` of it."""
-    checkpoints = sorted({max(1, round(f * steps)) for f in FRACTIONS})
-    model = {k: v for k, v in config.to_dict().items() if k not in ("base_channels", "num_res_blocks")}
-    if config.kind == "unet":
-        model = {k: v for k, v in model.items()
-                 if k not in ("solver", "solver_steps", "rtol", "atol", "adjoint", "max_num_steps")}
+# Model fields written per side: the layout; image size and channels come from the data.
+LAYOUT = ("kind", "base_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "num_heads", "dropout",
+          "learn_sigma", "use_scale_shift_norm")
+ODE = ("solver", "solver_steps", "rtol", "atol", "adjoint", "max_num_steps")
+# The smoke preset: tiny models on the 8x8 digits, a few steps, a handful of images (the test suite).
+SMOKE_MODEL = {"base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [4],
+               "num_heads": 1}
+SMOKE_EVAL = {"fid_num": 8, "fid_steps": 2, "fid_ref": "digits", "fid_ref_num": 16, "fid_bootstrap": 5,
+              "nll_num": 4, "nll_estimate": 2, "nll_data": "digits", "sample_batch_size": 8,
+              "mu_latency_batches": [1, 4], "mu_latency_repeats": 3, "mu_threads": 1, "mu_steps": [2, 0],
+              "mu_solvers": [["euler", 1, 1e-3], ["rk4", 1, 1e-3], ["dopri5", 1, 1e-2]], "mu_solver_fid_steps": 2,
+              "mu_solver_repeats": 1, "mu_denoise_num": 6, "mu_sigmas": [0.1, 0.3]}
+
+
+def spec_text(pairing: str, pair: dict, row: dict, steps_study: int = 0) -> str:
+    """The experiment spec (:mod:`iddpm_eval.experiment.spec`, kind ``missing-u``) that trains both
+    sides of a pairing at equal compute, checkpoints at :data:`FRACTIONS` of each side's steps."""
     lines = ["# Generated by benchmarks/missing_u/pairings.py: do not edit (rerun it).",
-             f"# Pairing {pairing!r}, side {side}: {row[side + '_config']}",
-             f"# params {row[side + '_params']:,}; forward {row[side + '_gflops']} GFLOP; training budget "
-             f"{row['budget_flops']} FLOPs = {steps} steps x batch {row['batch']};",
-             f"# measured training FLOPs unet {row['unet_train_flops_total']} vs cunet "
-             f"{row['cunet_train_flops_total']} (gap {row['compute_gap']:.2%})",
-             f'name = "missing-u-{pairing}-{side}"',
-             f'description = "The Missing U, pairing {pairing}: the {side} side at equal training compute"',
-             "", "[grid]", f"widths = [{config.base_channels}]", f"depths = [{config.num_res_blocks}]",
-             f"steps = {_toml_value(checkpoints)}", "", "[model]"]
-    lines += [f"{k} = {_toml_value(v)}" for k, v in model.items() if v is not None]
-    lines += ["", "[diffusion]", "steps = 1000", 'schedule = "cosine"', 'loss = "hybrid"', 'var_type = "learned_range"',
-              "", "[train]"]
+             f'name = "{pairing}"', 'kind = "missing-u"',
+             f'description = """\nThe Missing U, pairing {pairing!r}: {row["unet_config"]} ({row["unet_params"]:,} '
+             f'parameters, {row["unet_gflops"]} GFLOP per forward) against {row["cunet_config"]} '
+             f'({row["cunet_params"]:,} parameters, {row["cunet_gflops"]} GFLOP, NFE {row["cunet_nfe"]}), each trained '
+             f'for {row["budget_flops"]} FLOPs (batch {row["batch"]}: {row["unet_steps"]} and {row["cunet_steps"]} '
+             f'steps; measured gap {row["compute_gap"]:.2%}).\n"""',
+             "notes = [", *[f"  {_toml_value(n)}," for n in NOTES], "]", "",
+             "[base.diffusion]", f"steps = {STEPS_T}", 'schedule = "cosine"', "", "[base.train]"]
     lines += [f"{k} = {_toml_value(v)}" for k, v in {**TRAIN, "batch_size": int(row["batch"])}.items()]
-    lines += ["", "[eval]"] + [f"{k} = {_toml_value(v)}" for k, v in EVAL.items()]
-    lines += ["", "[launcher]", 'name = "local"', "max_parallel = 1", ""]
-    return "\n".join(lines)
+    for side in ("unet", "cunet"):
+        c = pair[side]
+        n = int(row[f"{side}_steps"])
+        model = {k: getattr(c, k) for k in LAYOUT + (ODE if side == "cunet" else ())}
+        model = {k: list(v) if isinstance(v, tuple) else v for k, v in model.items() if v is not None}
+        lines += ["", "[[rows]]", f'name = "{side}"', 'objective = "hybrid"',
+                  f"steps = {_toml_value(sorted({max(1, round(f * n)) for f in FRACTIONS}))}",
+                  f"model = {_toml_value(model)}"]
+    ev = {**EVAL, "mu_steps_num": int(steps_study)}
+    lines += ["", "[eval]"] + [f"{k} = {_toml_value(v)}" for k, v in ev.items()]
+    lines += ["", "[launcher]", 'name = "local"', "max_parallel = 1", "",
+              "[presets.smoke.base.diffusion]", "steps = 20", "[presets.smoke.base.train]",
+              'data = "digits"', "batch_size = 8", "save_interval = 0", "log_interval = 1", "sample_num = 4",
+              'sample_steps = "4"',
+              "[presets.smoke.eval]"] + [f"{k} = {_toml_value(v)}" for k, v in
+                                         {**SMOKE_EVAL, "mu_steps_num": 8 if steps_study else 0}.items()]
+    # smoke steps at about equal compute: the tiny continuous U-Net costs 2.4x the U-Net per step
+    for side, steps in (("unet", [2, 5]), ("cunet", [1, 2])):
+        lines += [f"[presets.smoke.rows.{side}]", f"steps = {steps}", f"model = {_toml_value(SMOKE_MODEL)}"]
+    return "\n".join(lines) + "\n"
 
 
 def write_specs(pairs: dict, rows: dict, out_dir: Path = SPEC_DIR) -> list[Path]:
-    """One sweep spec per pairing and side; returns the paths written."""
+    """One experiment spec per pairing (``benchmarks/missing_u/<pairing>.toml``); returns the paths."""
     paths = []
     for name, pair in pairs.items():
-        row = rows[name]
-        for side in ("unet", "cunet"):
-            path = Path(out_dir) / f"{name}_{side}.toml"
-            write_text(path, spec_text(name, side, pair[side], int(row[f"{side}_steps"]), row))
-            paths.append(path)
+        path = Path(out_dir) / f"{name}.toml"
+        write_text(path, spec_text(name, pair, rows[name], STEPS_STUDY.get(name, 0)))
+        paths.append(path)
     return paths
 
 

@@ -70,6 +70,9 @@ def experiment(name, suite, preset, out_dir, work_dir, launcher, max_parallel, e
     if estimate:
         from iddpm_eval.experiment.estimate import estimate as est, load_costs
 
+        if exp.kind == "missing-u":
+            raise click.UsageError("--estimate: no cost model for the missing-u kind (its models are not the timed "
+                                   "U-Net widths); results/missing_u/README.md gives the measured times")
         if not Path(timing).is_file():
             raise click.UsageError(f"--timing {timing}: no such file (python -m benchmarks.paper.timing writes it)")
         e = est(exp, load_costs(timing))

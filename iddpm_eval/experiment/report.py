@@ -324,7 +324,13 @@ def _report_sweep(exp, df: pd.DataFrame, out: Path, info: dict) -> dict:
     return {}
 
 
-REPORTS = {"ablation": _report_ablation, "sampling-steps": _report_sampling_steps,
+def _report_missing_u(exp, df: pd.DataFrame, out: Path, info: dict) -> dict:
+    from iddpm_eval.experiment.report_missing_u import report_missing_u
+
+    return report_missing_u(exp, df, out, info)
+
+
+REPORTS = {"missing-u": _report_missing_u, "ablation": _report_ablation, "sampling-steps": _report_sampling_steps,
            "importance-sampling": _report_importance_sampling, "scaling": _report_scaling, "sweep": _report_sweep}
 
 

@@ -4,7 +4,8 @@ checkpoint, and how to report, in one TOML file with presets (``benchmarks/paper
 Format (every table but ``name``, ``kind`` and one of ``[[rows]]`` / ``[grid]`` is optional)::
 
     name = "ablation"
-    kind = "ablation"             # the report: ablation, sampling-steps, importance-sampling, scaling
+    kind = "ablation"             # the report: ablation, sampling-steps, importance-sampling, scaling,
+                                  #   missing-u (iddpm_eval.experiment.report_missing_u), sweep
     description = "..."
     notes = ["choices where the paper is silent, one line each (copied into the README)"]
 
@@ -60,7 +61,7 @@ from iddpm_core.sweep_spec import read_toml
 
 TOP = ("name", "kind", "description", "notes", "budget", "base", "rows", "grid", "orderings", "eval", "launcher",
        "report", "presets")
-KINDS = ("ablation", "sampling-steps", "importance-sampling", "scaling", "sweep")
+KINDS = ("ablation", "sampling-steps", "importance-sampling", "scaling", "sweep", "missing-u")
 ROW_KEYS = ("name", "objective", "steps", "model", "diffusion", "train", "paper")
 
 
